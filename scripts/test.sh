@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set everything up (a virtual environment in .venv with the pinned CPU torch, this package, the test-only
+# reference `moshi`) and run the test suite. Extra arguments go to pytest, e.g. `scripts/test.sh -k mimi`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned, so nothing below can pull another build.
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[test]"
+# The reference implementation, used only by the tests as an oracle. It pins an older torch: no deps.
+"${PIP[@]}" --no-deps "moshi==0.2.13"
+exec .venv/bin/python -m pytest "$@"

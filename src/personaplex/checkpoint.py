@@ -1,0 +1,193 @@
+"""Load and save models in the released checkpoint layout.
+
+Models are built on the meta device and filled tensor by tensor from the safetensors file (cast to the
+chosen dtype on the chosen device), so a 7B load never holds two copies. Before any data is read, the file's
+header is checked against the model: a corrupt file, a missing tensor or a misshaped one raises a
+`CheckpointError` that names the file and the first offending tensor. Key renames live in `adapter.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapter import lm_from_released, lm_to_released, mimi_from_released, mimi_to_released
+from .config import LMConfig, resolve_config
+from .errors import CheckpointError
+from .hub import CONFIG_FILE, LM_FILE, CheckpointFiles, resolve_checkpoint
+from .lm import LMModel
+
+Rename = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (bf16 matmuls are slow and inexact on most CPUs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# -- generic safetensors <-> module --------------------------------------------------------------------------
+def _header(path: Path) -> dict[str, tuple[int, ...]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _normalised_shapes(shapes: Mapping[str, tuple[int, ...]], to_ours: Rename, to_released: Rename
+                       ) -> dict[str, tuple[int, ...]]:
+    """Map a file's (name -> shape) through the adapter both ways on the meta device, so that every accepted
+    spelling of the names compares equal to what `save` writes."""
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    return {k: tuple(v.shape) for k, v in to_released(to_ours(meta)).items()}
+
+
+def _check_layout(path: Path, model: nn.Module, to_ours: Rename, to_released: Rename) -> None:
+    try:
+        found = _normalised_shapes(_header(path), to_ours, to_released)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    expected = {k: tuple(v.shape) for k, v in to_released(model.state_dict()).items()}
+    for key, shape in expected.items():
+        if key not in found:
+            raise CheckpointError(f"{path}: missing tensor {key!r} (expected shape {list(shape)}); "
+                                  f"the file has {len(found)} of {len(expected)} tensors - wrong model or config?")
+        if found[key] != shape:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(found[key])}, the model expects "
+                                  f"{list(shape)} - wrong model or config?")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} extra) - wrong model or config?")
+
+
+def load_into(model: nn.Module, path: Path, to_ours: Rename, to_released: Rename,
+              device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Fill a meta-device `model` from a released-layout safetensors file (floating tensors cast to dtype)."""
+    path = Path(path)
+    _check_layout(path, model, to_ours, to_released)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                state[key] = t.to(device)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: could not read tensor data ({exc}); the file may be truncated") from exc
+    model.load_state_dict(to_ours(state), strict=True, assign=True)
+    return model
+
+
+def save_from(model: nn.Module, path: Path, to_released: Rename, dtype: torch.dtype | None = None,
+              metadata: dict[str, str] | None = None) -> Path:
+    """Write a module's weights under the released names (optionally cast, e.g. to bf16 as released)."""
+    state = {}
+    for key, t in to_released(model.state_dict()).items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[key] = t.contiguous().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp), metadata=metadata or {"format": "pt"})
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+# -- LM -----------------------------------------------------------------------------------------------------
+def _source_files(source: str | Path, need: tuple[str, ...], **hub) -> CheckpointFiles:
+    return resolve_checkpoint(source, need=need, **hub)
+
+
+def load_lm(path: str | Path, config: LMConfig | str | dict | Path | None = None,
+            device: torch.device | str | None = None, dtype: torch.dtype | None = None, **hub) -> LMModel:
+    """Load the LM from a `model.safetensors` file, a checkpoint directory or a hub repo id.
+
+    config: preset name, `LMConfig`, Moshi-style dict, or `config.json` path; by default the checkpoint's
+    `config.json` when it has one, else the `personaplex-7b` preset.
+    """
+    path = Path(path) if not isinstance(path, Path) else path
+    if path.is_file():
+        weights, config_file = path, path.parent / CONFIG_FILE
+    else:
+        files = _source_files(str(path), ("lm",), **hub)
+        weights, config_file = files.lm, files.config
+    if config is None and config_file is not None and Path(config_file).is_file():
+        config = Path(config_file)
+    cfg = resolve_config(config)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = LMModel(cfg, dtype=dtype)
+    load_into(model, weights, lm_from_released, lm_to_released, device, dtype)
+    return model.eval()
+
+
+def save_lm(model: LMModel, directory: str | Path, dtype: torch.dtype | None = torch.bfloat16) -> Path:
+    """Write `model.safetensors` (released names, bf16 by default) and a Moshi-style `config.json`."""
+    directory = Path(directory)
+    path = save_from(model, directory / LM_FILE, lm_to_released, dtype)
+    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_moshi_dict(), indent=2) + "\n")
+    return path
+
+
+# -- Mimi ---------------------------------------------------------------------------------------------------
+def load_mimi(path: str | Path, device: torch.device | str | None = None, num_codebooks: int = 8, **hub):
+    """Load the Mimi codec from its safetensors file, a checkpoint directory or a hub repo id (always fp32:
+    the codec is small and its quantizer distances are precision-sensitive)."""
+    from .codec import Mimi, MimiConfig
+
+    path = Path(path)
+    weights = path if path.is_file() else _source_files(str(path), ("mimi",), **hub).mimi
+    device = torch.device(device) if device is not None else default_device()
+    with torch.device("meta"):
+        mimi = Mimi(MimiConfig(num_codebooks=num_codebooks))
+    load_into(mimi, weights, mimi_from_released, mimi_to_released, device, torch.float32)
+    return mimi.eval()
+
+
+def save_mimi(mimi: nn.Module, path: str | Path) -> Path:
+    return save_from(mimi, Path(path), mimi_to_released, torch.float32)
+
+
+# -- whole checkpoint ---------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    lm: LMModel
+    mimi: nn.Module
+    tokenizer: "TextTokenizer"  # noqa: F821
+    files: CheckpointFiles
+
+    @property
+    def config(self) -> LMConfig:
+        return self.lm.config
+
+
+def load_checkpoint(source: str | Path, config: LMConfig | str | dict | Path | None = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    **hub) -> Checkpoint:
+    """LM, Mimi and text tokenizer of a checkpoint directory or hub repo id (`nvidia/personaplex-7b-v1`)."""
+    from .text import TextTokenizer
+
+    files = resolve_checkpoint(str(source), need=("lm", "mimi", "tokenizer"), **hub)
+    if config is None and files.config is not None:
+        config = Path(files.config)
+    lm = load_lm(files.lm, config=resolve_config(config), device=device, dtype=dtype)
+    mimi = load_mimi(files.mimi, device=lm.device, num_codebooks=lm.config.audio_codebooks)
+    tokenizer = TextTokenizer(files.tokenizer)
+    return Checkpoint(lm, mimi, tokenizer, files)

@@ -1,0 +1,15 @@
+"""Mimi neural audio codec (24 kHz audio <-> 12.5 Hz tokens), streaming with explicit per-stream state."""
+
+from .keys import mimi_from_released, mimi_to_released
+from .mimi import Mimi, MimiConfig, MimiDecoderState, MimiEncoderState
+from .state import StreamState
+
+__all__ = [
+    "Mimi",
+    "MimiConfig",
+    "MimiDecoderState",
+    "MimiEncoderState",
+    "StreamState",
+    "mimi_from_released",
+    "mimi_to_released",
+]

@@ -1,0 +1,181 @@
+"""Mimi's causal transformer (one on each side of the quantizer), with an explicit ring KV cache.
+
+Pre-norm layers: x += attn_scale * Attn(LayerNorm(x)); x += ffn_scale * W_down GELU(W_up LayerNorm(x)).
+No biases in the projections, RoPE on interleaved pairs (x[2i], x[2i+1]), attention limited to the last
+`context` positions.
+
+Streaming keeps a ring buffer of `context` slots per layer (`KVCache`) and, shared by all layers, the
+absolute position held in each slot (`TransformerState.slot_positions`, -1 when empty). As in the reference,
+a step's new keys are written before attending, so with several tokens per step the earliest queries of the
+step can lose their oldest keys once the ring has wrapped (e.g. Mimi's first query of a frame sees 249
+instead of 250 past positions after 10 s). Whole-signal mode (`forward`) attends over the full window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv import linear_rows
+from .state import FRESH, StreamState
+
+
+@dataclasses.dataclass
+class KVCache(StreamState):
+    keys: torch.Tensor  # (B, H, context, head_dim), slot = position % context
+    values: torch.Tensor  # (B, H, context, head_dim)
+
+
+@dataclasses.dataclass
+class TransformerState(StreamState):
+    position: torch.Tensor  # (B,) int64: tokens seen so far
+    slot_positions: torch.Tensor = dataclasses.field(
+        metadata={FRESH: -1}
+    )  # (B, context) int64: position in each slot, -1 = empty
+    layers: list[KVCache] = dataclasses.field(default_factory=list)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs of x (..., B, H, T, D) by angles with cos/sin (B, 1, T, D/2), in fp32."""
+    xr, xi = x[..., 0::2].float(), x[..., 1::2].float()
+    out_r = xr * cos - xi * sin
+    out_i = xr * sin + xi * cos
+    return torch.stack([out_r, out_i], dim=-1).flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)  # rows: q, k, v
+        self.out_proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+
+    def qkv(
+        self, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows (B*T, dim) -> q, k (rotated), v, each (B, H, T, head_dim); cos/sin (B, 1, T, head_dim/2)."""
+        B, _, T, _ = cos.shape
+        qkv = linear_rows(rows, self.in_proj.weight)  # (B*T, 3*dim)
+        qkv = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, head_dim)
+        q, k = apply_rope(qkv[:2], cos, sin)  # both at once
+        return q, k, qkv[2]
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn (B, H, T, head_dim) -> rows (B*T, dim)."""
+        B, H, T, D = attn.shape
+        rows = attn.transpose(1, 2).reshape(B * T, H * D)
+        return linear_rows(rows, self.out_proj.weight)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(
+        self, dim: int, num_heads: int, dim_feedforward: int, layer_scale: float, eps: float, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.attn_norm = nn.LayerNorm(dim, eps=eps, **factory)
+        self.attn = Attention(dim, num_heads, **factory)
+        self.attn_scale = nn.Parameter(torch.full((dim,), layer_scale, **factory))
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps, **factory)
+        self.ffn_up = nn.Linear(dim, dim_feedforward, bias=False, **factory)
+        self.ffn_down = nn.Linear(dim_feedforward, dim, bias=False, **factory)
+        self.ffn_scale = nn.Parameter(torch.full((dim,), layer_scale, **factory))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(linear_rows(self.ffn_norm(x), self.ffn_up.weight))
+        return x + self.ffn_scale * linear_rows(h, self.ffn_down.weight)
+
+
+class MimiTransformer(nn.Module):
+    """Causal transformer over (B, T, dim) rows of latent frames."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_layers: int,
+        dim_feedforward: int,
+        context: int,
+        layer_scale: float,
+        max_period: float,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0 or (dim // num_heads) % 2 != 0:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
+        self.dim, self.num_heads, self.context, self.max_period = dim, num_heads, context, max_period
+        self.head_dim = dim // num_heads
+        self.layers = nn.ModuleList(
+            TransformerLayer(dim, num_heads, dim_feedforward, layer_scale, eps, device, dtype)
+            for _ in range(num_layers)
+        )
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int64 -> cos, sin (B, 1, T, head_dim/2) in fp32."""
+        inv_freq = self._inv_freq.get(positions.device)
+        if inv_freq is None:
+            half = torch.arange(self.head_dim // 2, device=positions.device, dtype=torch.float32)
+            inv_freq = torch.exp(half * (-math.log(self.max_period) * 2 / self.head_dim))
+            self._inv_freq[positions.device] = inv_freq
+        angles = inv_freq * positions.to(torch.float32)[:, None, :, None]
+        return torch.cos(angles), torch.sin(angles)
+
+    def init_state(self, batch_size: int) -> TransformerState:
+        p = self.layers[0].attn_scale
+        shape = (batch_size, self.num_heads, self.context, self.head_dim)
+        return TransformerState(
+            position=torch.zeros(batch_size, dtype=torch.long, device=p.device),
+            slot_positions=torch.full((batch_size, self.context), -1, dtype=torch.long, device=p.device),
+            layers=[
+                KVCache(
+                    torch.zeros(shape, device=p.device, dtype=p.dtype),
+                    torch.zeros(shape, device=p.device, dtype=p.dtype),
+                )
+                for _ in self.layers
+            ],
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole sequence from position 0: x (B, T, dim) -> (B, T, dim)."""
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        cos, sin = self._rope(pos.expand(B, T))
+        delta = pos[:, None] - pos[None, :]
+        mask = (delta >= 0) & (delta < self.context)  # (T, T): query, key
+        rows = x.reshape(B * T, self.dim)
+        for layer in self.layers:
+            q, k, v = layer.attn.qkv(layer.attn_norm(rows), cos, sin)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            rows = rows + layer.attn_scale * layer.attn.output(out)
+            rows = layer.feed_forward(rows)
+        return rows.reshape(B, T, self.dim)
+
+    def step(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """Continue each row's stream with T new tokens: x (B, T, dim) -> (B, T, dim); updates `state`."""
+        B, T, _ = x.shape
+        if T > self.context:  # the ring can take at most `context` new entries at once
+            return torch.cat([self.step(x[:, i : i + self.context], state) for i in range(0, T, self.context)], 1)
+        q_pos = state.position[:, None] + torch.arange(T, device=x.device)  # (B, T)
+        slots = q_pos % self.context
+        state.slot_positions = state.slot_positions.scatter(1, slots, q_pos)
+        delta = q_pos[:, :, None] - state.slot_positions[:, None, :]  # (B, T, context)
+        mask = ((state.slot_positions[:, None, :] >= 0) & (delta >= 0) & (delta < self.context))[:, None]
+        cos, sin = self._rope(q_pos)
+        index = slots.view(B, 1, T, 1).expand(B, self.num_heads, T, self.head_dim)
+        rows = x.reshape(B * T, self.dim)
+        for layer, cache in zip(self.layers, state.layers):
+            q, k, v = layer.attn.qkv(layer.attn_norm(rows), cos, sin)
+            cache.keys.scatter_(2, index, k)
+            cache.values.scatter_(2, index, v)
+            out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask)
+            rows = rows + layer.attn_scale * layer.attn.output(out)
+            rows = layer.feed_forward(rows)
+        state.position = state.position + T
+        return rows.reshape(B, T, self.dim)
