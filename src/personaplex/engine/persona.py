@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Hashable
 
 import torch
 
-from ..errors import PersonaplexError
+from ..errors import PersonaplexError, VoiceNotFoundError
 from ..lm import NOT_FORCED, LMModel
 from ..lm.transformer import KVCache
-from .prompt import VoicePrompt, prompt_frames
+from .prompt import VoicePrompt, VoicePromptError, prompt_frames
 
 
 class PromptTooLongError(PersonaplexError):
@@ -37,23 +38,31 @@ class Persona:
 
 
 @torch.no_grad()
-def build_persona(lm: LMModel, voice: VoicePrompt | None, text_ids: list[int], text_prompt: str = "") -> Persona:
+def build_persona(lm: LMModel, voice: VoicePrompt | None, text_ids: list[int], text_prompt: str = "",
+                  bare: bool = False) -> Persona:
     """Run the prompt as one prefill of the temporal transformer (all tokens forced: no depformer, no
-    sampling); the result is the state the released generator reaches after stepping it frame by frame."""
-    frames = prompt_frames(voice, text_ids, lm).to(lm.device)  # (17, N)
+    sampling); the result is the state the released generator reaches after stepping it frame by frame.
+    `bare`: no prompt at all (Moshi models, which have no persona prompt)."""
+    if bare:
+        frames = torch.zeros(lm.config.num_streams, 0, dtype=torch.long, device=lm.device)
+    else:
+        frames = prompt_frames(voice, text_ids, lm).to(lm.device)  # (17, N)
     n = frames.shape[1]
     limit = lm.config.context // 2
     if n > limit:
         raise PromptTooLongError(f"the prompt takes {n} frames but at most {limit} fit this model's context "
                                  f"({lm.config.context}); shorten the text prompt or the voice prompt")
-    grid = lm.delay(torch.cat([frames, frames[:, -1:]], dim=1)[None])[0]  # (17, N+2)
-    x = lm.embed(grid[None, :, :n])
-    if voice is not None and voice.embeddings is not None:
-        e = voice.embeddings.shape[0]
-        x[0, :e] = voice.embeddings.to(device=x.device, dtype=x.dtype)
+    # Two columns past the prompt: N (next input) and N+1, known for the delayed streams (frame N-1).
+    after = torch.full((frames.shape[0], 1), NOT_FORCED, dtype=torch.long, device=lm.device)
+    grid = lm.delay(torch.cat([frames, after], dim=1)[None])[0]  # (17, N+2)
     c = lm.config
     cache = KVCache.empty(c.num_layers, 1, c.num_heads, n, c.dim // c.num_heads, device=lm.device, dtype=lm.dtype)
-    lm.temporal(x, cache)
+    if n:
+        x = lm.embed(grid[None, :, :n])
+        if voice is not None and voice.embeddings is not None:
+            e = voice.embeddings.shape[0]
+            x[0, :e] = voice.embeddings.to(device=x.device, dtype=x.dtype)
+        lm.temporal(x, cache)
     delayed = torch.tensor(c.delays, device=lm.device) > 0
     forced_after = torch.where(delayed, grid[:, n + 1], torch.full_like(grid[:, n + 1], NOT_FORCED))
     return Persona(cache.keys[:, 0].clone(), cache.values[:, 0].clone(), grid[:, n].clone(), forced_after,
@@ -83,3 +92,64 @@ class PersonaCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class Personas:
+    """Voice prompts and personas of one model, each built once.
+
+    A voice is named like the released voices (`NATF2`, `NATF2.pt`) and looked up only among the files of
+    `voices_dir`; with `allow_paths` (command line, never the server) an existing file path works too. Audio
+    voices are encoded with Mimi (any rate, mono or stereo); `.pt` voices are the released format.
+    """
+
+    def __init__(self, lm: LMModel, mimi, tokenizer, voices_dir=None, capacity: int = 16,
+                 allow_paths: bool = False) -> None:
+        self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
+        self.voices_dir = voices_dir
+        self.allow_paths = allow_paths
+        self.cache = PersonaCache(capacity)
+        self._voices: OrderedDict[Hashable, VoicePrompt] = OrderedDict()
+
+    def available_voices(self) -> list[str]:
+        from ..hub import list_voices
+
+        return list_voices(self.voices_dir) if self.voices_dir else []
+
+    def voice_path(self, spec: str) -> Path:
+        """The file of a voice: a name among the voices (`NATF2`, `NATF2.pt`), else, with `allow_paths`,
+        an existing file path."""
+        from ..hub import find_voice
+
+        try:
+            return find_voice(spec, self.voices_dir)
+        except VoiceNotFoundError:
+            if self.allow_paths and Path(spec).is_file():
+                return Path(spec)
+            raise
+
+    def voice(self, spec: str | None) -> tuple[Hashable, VoicePrompt | None]:
+        """(cache key, voice prompt) of a voice spec; no voice for an empty spec."""
+        if not spec:
+            return None, None
+        path = self.voice_path(spec)
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        if key not in self._voices:
+            self._voices[key] = self._load_voice(path)
+            while len(self._voices) > self.cache.capacity:
+                self._voices.popitem(last=False)
+        return key, self._voices[key]
+
+    def _load_voice(self, path: Path) -> VoicePrompt:
+        from ..audio import read_audio
+        from .prompt import load_voice_file, voice_from_audio
+
+        if path.suffix == ".pt":
+            return load_voice_file(path, self.lm)
+        return voice_from_audio(self.mimi, read_audio(path), name=path.stem)
+
+    def get(self, voice: str | None, text_prompt: str) -> Persona:
+        """The persona for (voice, text prompt), computed on first use."""
+        prompt = self.tokenizer.system_prompt_ids(text_prompt)
+        voice_key, voice_prompt = self.voice(voice)
+        return self.cache.get((voice_key, tuple(prompt)),
+                              lambda: build_persona(self.lm, voice_prompt, prompt, text_prompt))
