@@ -11,6 +11,8 @@ from .errors import PersonaplexError
 
 # name -> (module, help). Each module has `add_arguments(parser)` and `run(args) -> exit code`.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "offline": ("personaplex.offline", "run one conversation from a wav file: agent wav and transcript out"),
+    "voice": ("personaplex.voice_cmd", "turn an audio file into a reusable voice file (.pt)"),
     "info": ("personaplex.cli", "describe a checkpoint: files, model configuration, parameter count"),
 }
 
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except PersonaplexError as exc:
+    except (PersonaplexError, ValueError, OSError) as exc:
+        # Bad input and missing files: one line, no traceback (-v shows it).
         if args.verbose:
             raise
         print(f"personaplex {args.command}: error: {exc}", file=sys.stderr)

@@ -1,0 +1,128 @@
+"""`personaplex offline`: a wav in, the agent's wav (same duration, time-aligned) and transcript out.
+
+Flags follow the released `offline.py` (so benchmark harnesses can call either), plus `--checkpoint` and
+`--demo`. The agent's frame c comes out at the time of input frame c (Moshi's timing: 80 ms earlier than the
+released script, which answers one frame late; the token layout is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import FRAME_SIZE, SAMPLE_RATE
+
+log = logging.getLogger("personaplex.offline")
+
+DEFAULT_TEXT_PROMPT = ("You are a wise and friendly teacher. Answer questions or provide advice in a clear and "
+                       "engaging way.")
+PREFERRED_VOICES = ("NATF2", "NATF0", "DEMO_LOW")
+
+
+@dataclass
+class OfflineResult:
+    pcm: np.ndarray  # (T,) 24 kHz agent audio, the input's length
+    tokens: list[int]  # text token per frame
+    pieces: list[str]  # transcript entry per frame ("PAD", "EPAD" or the text piece)
+    seconds: float  # wall time of the conversation (after the prompt)
+
+
+def run_conversation(engine, persona, user: np.ndarray, params, tokenizer, progress: bool = False) -> OfflineResult:
+    """Feed 24 kHz mono `user` audio through one conversation; returns audio of exactly len(user)."""
+    from tqdm import tqdm
+
+    frames = -(-len(user) // FRAME_SIZE)
+    padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
+    padded[: len(user)] = user
+    conv = engine.join(persona, params)
+    out, tokens = [], []
+    start = time.perf_counter()
+    try:
+        bar = tqdm(total=frames, unit="frame", disable=not progress, desc="conversation",
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} frames [{elapsed}<{remaining}, {rate_fmt}]")
+        with bar:
+            for i in range(frames):
+                chunk = torch.from_numpy(padded[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]).view(1, FRAME_SIZE)
+                result = engine.step(chunk)[conv.row]
+                out.append(result.pcm.numpy())
+                tokens.append(result.text_token)
+                bar.update(1)
+    finally:
+        engine.leave(conv)
+    seconds = time.perf_counter() - start
+    pcm = np.concatenate(out)[: len(user)] if out else np.zeros(0, np.float32)
+    return OfflineResult(pcm, tokens, [tokenizer.piece(t) for t in tokens], seconds)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_checkpoint_args
+
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input-wav", required=True, help="the user's side: any common format, rate and channels")
+    io.add_argument("--output-wav", required=True, help="where to write the agent's audio (24 kHz mono wav)")
+    io.add_argument("--output-text", default=None, help="where to write the transcript (JSON list, one per frame)")
+    persona = parser.add_argument_group("persona")
+    persona.add_argument("--text-prompt", default=DEFAULT_TEXT_PROMPT, help="the role; empty for none")
+    persona.add_argument("--voice-prompt", default=None,
+                         help="a voice name (e.g. NATF2 or NATF2.pt) among the checkpoint's voices or "
+                              "--voice-prompt-dir, or a path to an audio file or .pt voice file "
+                              f"(default: the first of {', '.join(PREFERRED_VOICES)} available)")
+    persona.add_argument("--voice-prompt-dir", default=None, help="folder of voice files (default: the checkpoint's)")
+    persona.add_argument("--forget-persona", action="store_true",
+                         help="let the prompt slide out of the 240 s context like the released code "
+                              "(default: the prompt stays pinned)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--temp-audio", type=float, default=0.8)
+    sampling.add_argument("--temp-text", type=float, default=0.7)
+    sampling.add_argument("--topk-audio", type=int, default=250)
+    sampling.add_argument("--topk-text", type=int, default=25)
+    sampling.add_argument("--greedy", action="store_true", help="argmax decoding")
+    sampling.add_argument("--seed", type=int, default=-1, help="seed for reproducible output (-1: random)")
+    add_checkpoint_args(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def choose_voice(personas, requested: str | None) -> str | None:
+    if requested:
+        return requested
+    available = personas.available_voices()
+    for name in PREFERRED_VOICES:
+        if name in available:
+            return name
+    return available[0] if available else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .audio import read_audio, write_wav
+    from .cli import open_checkpoint
+    from .engine import BatchEngine, Personas, SamplingParams
+
+    user = read_audio(args.input_wav)  # fail on a bad input before loading anything large
+    ckpt = open_checkpoint(args)
+    voices_dir = args.voice_prompt_dir or ckpt.files.voices_dir
+    personas = Personas(ckpt.lm, ckpt.mimi, ckpt.tokenizer, voices_dir, allow_paths=True)
+    voice = choose_voice(personas, args.voice_prompt)
+    params = SamplingParams(text_temperature=args.temp_text, text_topk=args.topk_text,
+                            audio_temperature=args.temp_audio, audio_topk=args.topk_audio,
+                            seed=None if args.seed < 0 else args.seed, greedy=args.greedy).validate()
+    started = time.perf_counter()
+    persona = personas.get(voice, args.text_prompt)
+    log.info("persona ready in %.2f s: voice %s, prompt of %d frames", time.perf_counter() - started,
+             voice or "(none)", persona.length)
+    engine = BatchEngine(ckpt.lm, ckpt.mimi, max_batch=1, pin_prompt=not args.forget_persona)
+    result = run_conversation(engine, persona, user, params, ckpt.tokenizer, progress=not args.no_progress)
+    write_wav(args.output_wav, result.pcm, SAMPLE_RATE)
+    if args.output_text:
+        Path(args.output_text).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_text).write_text(json.dumps(result.pieces, ensure_ascii=False))
+    duration = len(user) / SAMPLE_RATE
+    log.info("wrote %s (%.2f s of audio, %.2fx real time)%s", args.output_wav, duration,
+             duration / max(result.seconds, 1e-9), f" and {args.output_text}" if args.output_text else "")
+    return 0
