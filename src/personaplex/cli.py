@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "offline": ("personaplex.offline", "run one conversation from a wav file: agent wav and transcript out"),
     "voice": ("personaplex.voice_cmd", "turn an audio file into a reusable voice file (.pt)"),
     "info": ("personaplex.cli", "describe a checkpoint: files, model configuration, parameter count"),
+    "serve": ("personaplex.server.cli", "real-time websocket server for the web client and released clients"),
 }
 
 

@@ -118,14 +118,27 @@ class LMModel(nn.Module):
             grid[:, k, 1 + d:] = codes[:, k, :T - d]
         return grid
 
-    def forward(self, codes: torch.Tensor) -> LMOutput:
-        """Teacher-forced logits for un-delayed codes (B, 1+n_q, T), aligned with the codes."""
+    def forward(self, codes: torch.Tensor, prefix_embeddings: torch.Tensor | None = None) -> LMOutput:
+        """Teacher-forced logits for un-delayed codes (B, 1+n_q, T), aligned with the codes.
+
+        prefix_embeddings: optional (B, E, dim) summed input embeddings used instead of those of the tokens in
+        grid columns 0..E-1 (a released `.pt` voice prompt gives its voice steps this way, as `build_persona`
+        does); NaN entries keep the tokens' embeddings, so one batch can mix voices of different lengths.
+        """
         c = self.config
         B, K, T = codes.shape
         if K != c.num_streams:
             raise ValueError(f"expected codes with {c.num_streams} streams, got shape {tuple(codes.shape)}")
         grid = self.delay(codes)
-        hidden = self.temporal(self.embed(grid[:, :, :-1]))
+        x = self.embed(grid[:, :, :-1])  # (B, T, dim)
+        if prefix_embeddings is not None:
+            e = prefix_embeddings.shape[1]
+            if prefix_embeddings.shape[0] != B or prefix_embeddings.shape[2] != c.dim or e > T:
+                raise ValueError(f"prefix_embeddings must be (B={B}, E<={T}, {c.dim}), "
+                                 f"got {tuple(prefix_embeddings.shape)}")
+            prefix = prefix_embeddings.to(device=x.device, dtype=x.dtype)
+            x = torch.cat([torch.where(torch.isnan(prefix), x[:, :e], prefix), x[:, e:]], dim=1)
+        hidden = self.temporal(x)
         text_logits = self.text_linear(hidden)  # (B, T, text_card)
         audio_logits = self.depformer_all(hidden, grid[:, : 1 + c.dep_q, 1:])  # (B, dep_q, T, card)
         # Undo the delays: position t of stream k was predicted at grid step t + delay.
