@@ -76,7 +76,7 @@ def test_pinned_and_plain_rows_share_a_batch():
     lm = _model()
     prompt, talk = _embeds(lm, PROMPT, 1), _embeds(lm, 30, 2).expand(2, -1, -1)
     cache = _prompt_cache(lm, prompt, pin=True, batch=2)
-    cache.pinned[1] = 0  # row 1: released behaviour
+    cache.pinned[1] = cache.pinned_cpu[1] = 0  # row 1: released behaviour
     alone = {pin: _prompt_cache(lm, prompt, pin=pin) for pin in (True, False)}
     for t in range(30):
         both = lm.temporal(talk[:, t:t + 1], cache)

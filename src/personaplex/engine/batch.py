@@ -59,6 +59,7 @@ class _Rows:
     column: torch.Tensor  # (B, 17) next grid column (user delay-0 entries filled at step time)
     temperature: torch.Tensor  # (B, 2): text, audio
     topk: torch.Tensor  # (B, 2)
+    topk_cpu: torch.Tensor  # (B, 2) host copy: the largest top-k of a step is known without a device sync
     seed: torch.Tensor  # (B,)
     counter: torch.Tensor  # (B,) frames stepped, keys the sampling noise
     conversations: list[Conversation] = field(default_factory=list)
@@ -78,6 +79,7 @@ class BatchEngine:
             column=torch.zeros(max_batch, c.num_streams, dtype=torch.long, device=dev),
             temperature=torch.zeros(max_batch, 2, device=dev),
             topk=torch.ones(max_batch, 2, dtype=torch.long, device=dev),
+            topk_cpu=torch.ones(max_batch, 2, dtype=torch.long),
             seed=torch.zeros(max_batch, dtype=torch.long, device=dev),
             counter=torch.zeros(max_batch, dtype=torch.long, device=dev),
         )
@@ -112,6 +114,7 @@ class BatchEngine:
         rows.temperature[r, 0] = 0.0 if greedy else params.text_temperature
         rows.temperature[r, 1] = 0.0 if greedy else params.audio_temperature
         rows.topk[r, 0], rows.topk[r, 1] = params.text_topk, params.audio_topk
+        rows.topk_cpu[r] = rows.topk[r].cpu()
         rows.seed[r], rows.counter[r] = seed, 0
         rows.conversations.append(conv)
         self.enc = _append(self.enc, self.mimi.init_encoder_state(1))
@@ -127,7 +130,7 @@ class BatchEngine:
         rows, r, last = self.rows, conv.row, self.active - 1
         if r != last:
             self.state.kv.copy_row_(r, self.state.kv, last)
-            for t in (rows.column, rows.temperature, rows.topk, rows.seed, rows.counter):
+            for t in (rows.column, rows.temperature, rows.topk, rows.topk_cpu, rows.seed, rows.counter):
                 t[r] = t[last]
             moved = rows.conversations[last]
             moved.row = r
@@ -181,10 +184,11 @@ class BatchEngine:
         rows = self.rows
         temperature, topk = rows.temperature[start:stop], rows.topk[start:stop]
         seed, counter = rows.seed[start:stop], rows.counter[start:stop]
+        kmax = rows.topk_cpu[start:stop].max(dim=0).values.tolist()
 
         def sampler(logits: torch.Tensor, k: int) -> torch.Tensor:
             kind = 0 if k == 0 else 1
-            return sample(logits, temperature[:, kind], topk[:, kind], seed, counter, stream=k)
+            return sample(logits, temperature[:, kind], topk[:, kind], seed, counter, stream=k, kmax=kmax[kind])
 
         state = LMState(self.state.kv.rows(start, stop), _dep_rows(self.state.dep, start, stop))
         out = step_frame(self.lm, state, column, sample=sampler, forced=forced, num_codebooks=self.codebooks)

@@ -73,13 +73,14 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor,
-           counter: torch.Tensor, stream: int) -> torch.Tensor:
+           counter: torch.Tensor, stream: int, kmax: int | None = None) -> torch.Tensor:
     """Draw one token per row. logits (B, V); temperature (B,) float, topk (B,) int, seed/counter (B,) int64.
-    Rows with temperature <= 0 or topk == 1 take the argmax."""
+    Rows with temperature <= 0 or topk == 1 take the argmax. `kmax` (>= every row's top-k) spares a device
+    sync when the caller knows it."""
     B, V = logits.shape
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    kmax = int(topk.max().clamp(max=V))
+    kmax = min(int(topk.max()) if kmax is None else kmax, V)
     top_values, top_index = logits.topk(kmax, dim=-1)  # (B, kmax), sorted
     keep = torch.arange(kmax, device=logits.device)[None, :] < topk[:, None]
     temp = temperature.clamp(min=1e-5)[:, None]

@@ -28,7 +28,8 @@ class KVCache:
 
     keys/values: (L, B, H, C, Dh) ring buffers of capacity C = context; `slot_pos` (B, C) holds the absolute
     position stored in each slot (-1: empty); `pos` (B,) is the next position of each conversation;
-    `pinned` (B,) the number of leading positions kept for good (0: a plain sliding window).
+    `pinned` (B,) the number of leading positions kept for good (0: a plain sliding window). `pos_cpu` and
+    `pinned_cpu` mirror them on the host so that per-step decisions never wait for the GPU.
     """
 
     keys: torch.Tensor
@@ -36,6 +37,8 @@ class KVCache:
     slot_pos: torch.Tensor
     pos: torch.Tensor
     pinned: torch.Tensor
+    pos_cpu: torch.Tensor
+    pinned_cpu: torch.Tensor
 
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int,
@@ -47,6 +50,8 @@ class KVCache:
             slot_pos=torch.full((batch_size, capacity), -1, device=device, dtype=torch.long),
             pos=torch.zeros(batch_size, device=device, dtype=torch.long),
             pinned=torch.zeros(batch_size, device=device, dtype=torch.long),
+            pos_cpu=torch.zeros(batch_size, dtype=torch.long),
+            pinned_cpu=torch.zeros(batch_size, dtype=torch.long),
         )
 
     @property
@@ -62,13 +67,13 @@ class KVCache:
         if mask is None:
             mask = torch.ones_like(self.pos, dtype=torch.bool)
         self.slot_pos.masked_fill_(mask.view(-1, 1), -1)
-        self.pos.masked_fill_(mask, 0)
-        self.pinned.masked_fill_(mask, 0)
+        for t in (self.pos, self.pinned, self.pos_cpu, self.pinned_cpu):
+            t.masked_fill_(mask.to(t.device), 0)
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of conversations start..stop-1 (writes go to this cache)."""
-        return KVCache(self.keys[:, start:stop], self.values[:, start:stop], self.slot_pos[start:stop],
-                       self.pos[start:stop], self.pinned[start:stop])
+        return KVCache(self.keys[:, start:stop], self.values[:, start:stop],
+                       *(t[start:stop] for t in self._tensors()[2:]))
 
     def snapshot(self) -> "KVCache":
         return KVCache(*(t.clone() for t in self._tensors()))
@@ -81,9 +86,8 @@ class KVCache:
         """Overwrite conversation `dst` with conversation `src_row` of `src` (same capacity)."""
         self.keys[:, dst] = src.keys[:, src_row]
         self.values[:, dst] = src.values[:, src_row]
-        self.slot_pos[dst] = src.slot_pos[src_row]
-        self.pos[dst] = src.pos[src_row]
-        self.pinned[dst] = src.pinned[src_row]
+        for mine, theirs in zip(self._tensors()[2:], src._tensors()[2:]):
+            mine[dst] = theirs[src_row]
 
     def load_prefix_(self, row: int, keys: torch.Tensor, values: torch.Tensor, pin: bool) -> None:
         """Make conversation `row` hold positions 0..N-1 from (L, H, N, Dh) keys/values (a cached prompt)."""
@@ -94,11 +98,15 @@ class KVCache:
         self.values[:, row, :, :n] = values
         self.slot_pos[row] = -1
         self.slot_pos[row, :n] = torch.arange(n, device=self.slot_pos.device)
-        self.pos[row] = n
-        self.pinned[row] = n if pin else 0
+        self.pos[row] = self.pos_cpu[row] = n
+        self.pinned[row] = self.pinned_cpu[row] = n if pin else 0
+
+    def advance(self, steps: int) -> None:
+        self.pos.add_(steps)
+        self.pos_cpu.add_(steps)
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.keys, self.values, self.slot_pos, self.pos, self.pinned)
+        return (self.keys, self.values, self.slot_pos, self.pos, self.pinned, self.pos_cpu, self.pinned_cpu)
 
 
 def _slots(positions: torch.Tensor, pinned: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -110,9 +118,9 @@ def _slots(positions: torch.Tensor, pinned: torch.Tensor, capacity: int) -> torc
 def _trim(positions: torch.Tensor, cache: KVCache) -> slice:
     """The part of a written chunk that survives in the ring (a chunk longer than the ring keeps its tail)."""
     T = positions.shape[1]
-    if T <= cache.capacity - int(cache.pinned.max()):
+    if T == 1 or T <= cache.capacity - int(cache.pinned_cpu.max()):
         return slice(None)
-    if bool(cache.pinned.any()):
+    if bool(cache.pinned_cpu.any()):
         raise ValueError("a chunk longer than the unpinned part of the ring cannot be written at once")
     return slice(T - cache.capacity, None)
 
@@ -242,7 +250,7 @@ class Transformer(nn.Module):
                 x = layer(x, plan, cache, i)
         if cache is not None:
             cache.slot_pos.copy_(_slot_positions_after(cache, plan.positions))
-            cache.pos.add_(x.shape[1])
+            cache.advance(x.shape[1])
         return x
 
     def plan(self, B: int, T: int, device, cache: KVCache | None) -> AttentionPlan:
@@ -263,7 +271,7 @@ class Transformer(nn.Module):
         mask = ((key_pos[:, None, :] >= 0) & (delta >= 0) & (is_prompt | (delta < window)))[:, None]
         plan = AttentionPlan(positions, rope, mask)
         # Past the window, pinned prompt keys are scored by a query rotated at context - 1 (module docstring).
-        slid = (cache.pinned > 0) & (positions[:, -1] >= self.context)
+        slid = (cache.pinned_cpu > 0) & (cache.pos_cpu + T - 1 >= self.context)  # host mirrors: no GPU sync
         if bool(slid.any()):
             if T != 1:
                 raise ValueError("pinned prompts support one frame per step once the window has slid")
