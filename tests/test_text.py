@@ -80,3 +80,12 @@ def test_missing_or_unreadable_model(tmp_path: Path) -> None:
     with pytest.raises(PersonaplexError) as error:
         TextTokenizer(bad)
     assert "bad.model" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_byte_fallback_pieces(tokenizer: TextTokenizer) -> None:
+    """Byte pieces show as their character when printable ASCII, never as `<0x..>`."""
+    sp = tokenizer._sp
+    byte_ids = {str(sp.IdToPiece(i)): i for i in range(tokenizer.vocab_size) if sp.IsByte(i)}
+    assert tokenizer.piece(byte_ids["<0x41>"]) == "A"
+    assert tokenizer.piece(byte_ids["<0xC3>"]) == ""  # half of a two-byte character
+    assert tokenizer.piece(byte_ids["<0x0A>"]) == ""  # control character

@@ -58,7 +58,8 @@ class TextTokenizer:
         """What the released offline transcript (JSON list) writes for one text-stream token.
 
         The piece with '▁' turned into a space, "EPAD" for 0 and "PAD" for 3. BOS/EOS and ids outside the
-        vocabulary (a model's text_card may exceed it) give "".
+        vocabulary (a model's text_card may exceed it) give "". A byte-fallback piece (`<0x41>`) gives its
+        character when it is printable ASCII, else "" (a lone byte of a multi-byte character).
         """
         token_id = int(token_id)
         if token_id == TEXT_EPAD:
@@ -67,6 +68,9 @@ class TextTokenizer:
             return "PAD"
         if token_id in (TEXT_BOS, TEXT_EOS) or not 0 <= token_id < self.vocab_size:
             return ""
+        if self._sp.IsByte(token_id):
+            value = int(str(self._sp.IdToPiece(token_id))[3:-1], 16)
+            return chr(value) if 0x20 <= value < 0x7F else ""
         return str(self._sp.IdToPiece(token_id)).replace(_WORD_BOUNDARY, " ")
 
     def system_prompt_ids(self, prompt: str) -> list[int]:
