@@ -172,10 +172,10 @@ class LMModel(nn.Module):
 
 def _undelay(logits: torch.Tensor, delays: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K, T, V) on the delayed grid -> aligned with the codes; the last `delay` steps are undefined."""
-    B, K, T, _ = logits.shape
-    out = torch.full_like(logits, float("nan"))
-    mask = torch.zeros(B, K, T, dtype=torch.bool, device=logits.device)
-    for k, d in enumerate(delays):
-        out[:, k, : T - d] = logits[:, k, d:]
-        mask[:, k, : T - d] = True
-    return out, mask
+    B, K, T, V = logits.shape
+    source = torch.arange(T, device=logits.device)[None, :] + torch.tensor(delays, device=logits.device)[:, None]
+    valid = source < T  # (K, T)
+    # One gather (its backward one scatter) rather than a slice copy per stream; the index is a broadcast view.
+    index = source.clamp(max=T - 1).view(1, K, T, 1).expand(B, K, T, V)
+    out = logits.gather(2, index).masked_fill(~valid.view(1, K, T, 1), float("nan"))
+    return out, valid.expand(B, K, T).clone()

@@ -1,6 +1,7 @@
 """Fine-tuning PersonaPlex / Moshi models on full-duplex conversations.
 
-    data.py      the dataset format (stereo wav + word timestamps JSON), word -> frame alignment, token shards
+    data.py      the dataset format (stereo wav + word timestamps JSON), word -> frame alignment, shard reader
+    prepare.py   `train-prepare`: conversations -> token shards + manifest (resumable, bad samples listed)
     sample.py    the training sample: the persona prompt exactly as inference builds it, then the conversation
     loss.py      masked, weighted cross-entropy per stream (text, semantic, acoustic)
     lora.py      low-rank adapters swapped in from outside the model, merged for export

@@ -132,16 +132,50 @@ function setLevel(el, value) {
   el.style.width = `${Math.max(0, Math.min(100, ((db + 60) / 60) * 100))}%`;
 }
 
-function clearTranscript() {
+function clearTranscript(placeholder = "Waiting for the agent…") {
+  pieceDecoder = new TextDecoder("utf-8");
   ui.transcript.replaceChildren();
   ui.transcript.dataset.empty = "true";
   const p = document.createElement("p");
   p.className = "placeholder";
-  p.textContent = "Waiting for the agent…";
+  p.textContent = placeholder;
   ui.transcript.append(p);
 }
 
-function appendTranscript(piece) {
+// Text pieces are SentencePiece pieces: a byte-fallback piece arrives as "<0xE2>", and a multi-byte character
+// spans several of them, so bytes go through a streaming UTF-8 decoder. Control characters are dropped.
+const BYTE_PIECE = /<0x([0-9A-Fa-f]{2})>/g;
+let pieceDecoder = new TextDecoder("utf-8");
+
+function decodePiece(piece) {
+  let out = "";
+  let last = 0;
+  let bytes = [];
+  const flushBytes = (final) => {
+    if (bytes.length) out += pieceDecoder.decode(new Uint8Array(bytes), { stream: !final });
+    else if (final) out += pieceDecoder.decode();
+    bytes = [];
+  };
+  for (const m of piece.matchAll(BYTE_PIECE)) {
+    if (m.index > last) {
+      flushBytes(true);
+      out += piece.slice(last, m.index);
+    }
+    bytes.push(parseInt(m[1], 16));
+    last = m.index + m[0].length;
+  }
+  if (last < piece.length) {
+    flushBytes(true);
+    out += piece.slice(last);
+  } else {
+    flushBytes(false);
+  }
+  return out.replace(/[\u0000-\u0008\u000B-\u001F\u007F]/g, "");
+}
+
+function appendTranscript(rawPiece) {
+  let piece = decodePiece(rawPiece);
+  if (!piece) return;
   const t = ui.transcript;
   const nearBottom = t.scrollHeight - t.scrollTop - t.clientHeight < 40;
   if (t.dataset.empty === "true") {
@@ -171,7 +205,7 @@ function renderPresets() {
 }
 
 function onPromptInput() {
-  ui.promptCount.textContent = `${ui.prompt.value.length} / 1000`;
+  ui.promptCount.textContent = `${ui.prompt.value.length} / ${ui.prompt.maxLength > 0 ? ui.prompt.maxLength : 1000}`;
   const text = ui.prompt.value.trim();
   for (const b of ui.presets.querySelectorAll("button")) {
     const preset = PRESETS.find((p) => p.id === b.dataset.preset);
@@ -208,9 +242,13 @@ async function loadServerInfo() {
       fetch("api/voices").then((r) => (r.ok ? r.json() : Promise.reject(new Error(`api/voices: HTTP ${r.status}`)))),
     ]);
     app.info = info;
-    app.defaults = { ...FALLBACK_DEFAULTS, ...(info.defaults || {}) };
+    app.defaults = { ...FALLBACK_DEFAULTS, ...(info.defaults || info.sampling_defaults || {}) };
     applyDefaults();
     ui.demoBanner.hidden = !info.demo;
+    if (info.max_prompt_chars > 0) {
+      ui.prompt.maxLength = info.max_prompt_chars;
+      onPromptInput();
+    }
     const list = Array.isArray(voices.voices) ? voices.voices : [];
     ui.voice.replaceChildren(
       ...list.map((name) => {
@@ -224,7 +262,7 @@ async function loadServerInfo() {
     const saved = safeGet("personaplex.voice");
     ui.voice.value = list.includes(saved) ? saved : list.includes(voices.default) ? voices.default : list[0] ?? "";
     const bits = [];
-    if (info.model) bits.push(String(info.model));
+    bits.push(describeModel(info.model));
     bits.push(`${info.sample_rate ?? RATE} Hz`, `${info.frame_rate ?? 12.5} frames/s`);
     if (info.max_conversations) bits.push(`up to ${info.max_conversations} conversation(s) at a time`);
     if (info.demo) bits.push("demo checkpoint");
@@ -234,6 +272,19 @@ async function loadServerInfo() {
     ui.serverInfo.textContent = "Server information unavailable.";
     showError(`Could not load the server settings (${err.message}). Is the server running?`);
   }
+}
+
+function describeModel(model) {
+  if (!model) return "model";
+  if (typeof model !== "object") return String(model);
+  const parts = [];
+  if (model.source) parts.push(String(model.source).split(/[\\/]/).filter(Boolean).pop());
+  if (model.parameters) {
+    const p = model.parameters;
+    parts.push(p >= 1e9 ? `${(p / 1e9).toFixed(1)}B params` : `${(p / 1e6).toFixed(1)}M params`);
+  }
+  if (model.device) parts.push(model.device);
+  return parts.join(", ") || "model";
 }
 
 function safeGet(key) {
@@ -314,6 +365,8 @@ class Session {
       handshakeAt: null,
       micDroppedFrames: 0,
       decodeErrors: 0,
+      decoderConfig: null,
+      decodedRate: null,
       textPieces: 0,
       queuePosition: null,
       lastMetadata: null,
@@ -379,7 +432,10 @@ class Session {
       if (name === "NotFoundError") throw new Error("No microphone was found.");
       throw new Error(`Could not open the microphone: ${err.message || err}`);
     }
-    if (this.closed) return;
+    if (this.closed) {
+      for (const t of this.stream.getTracks()) t.stop();
+      return;
+    }
     let source;
     try {
       source = ctx.createMediaStreamSource(this.stream);
@@ -513,13 +569,16 @@ class Session {
     this.stats.framesEncoded++;
     this.outPackets.push(packet);
     if (this.outPackets.length < PACKETS_PER_PAGE) return;
-    const page = this.muxer.audioPage(this.outPackets);
+    const packets = this.outPackets;
     this.outPackets = [];
+    const page = this.muxer.audioPage(packets);
     if (this.ws && this.ws.bufferedAmount > MAX_WS_BUFFERED) {
-      this.stats.micDroppedFrames += PACKETS_PER_PAGE;
+      this.stats.micDroppedFrames += packets.length;
       return;
     }
-    if (this.send(KIND.AUDIO, page)) this.stats.sentMs += (PACKETS_PER_PAGE * opusPacketSamples48k(packet)) / 48;
+    if (this.send(KIND.AUDIO, page)) {
+      for (const p of packets) this.stats.sentMs += opusPacketSamples48k(p) / 48;
+    }
   }
 
   onWorklet(msg) {
@@ -583,6 +642,7 @@ class Session {
           });
           dec.configure(cfg);
           this.decoder = dec;
+          this.stats.decoderConfig = { sampleRate: cfg.sampleRate, channels: cfg.numberOfChannels, opusHead: !!description };
           return;
         } catch (e) {
           errors.push(e.message || String(e));
@@ -621,6 +681,7 @@ class Session {
       } else {
         audio.copyTo(pcm, { planeIndex: 0, format: "f32-planar" });
       }
+      this.stats.decodedRate = audio.sampleRate;
       if (audio.sampleRate !== RATE) {
         if (!this.downsampler || this.downsampler.inRate !== audio.sampleRate) {
           this.downsampler = new StreamResampler(audio.sampleRate, RATE);
@@ -675,11 +736,14 @@ class Session {
     if (this.source) this.source.disconnect();
     if (this.stream) for (const t of this.stream.getTracks()) t.stop();
     if (this.ctx && this.ctx.state !== "closed") this.ctx.close().catch(() => {});
-    app.lastStats = snapshotStats(this);
     if (app.session === this) app.session = null;
+    if (ui.transcript.dataset.empty === "true") {
+      clearTranscript(this.live ? "The agent said no words in this conversation." : "The agent's words appear here.");
+    }
     setLevel(ui.micLevel, 0);
     setLevel(ui.agentLevel, 0);
     setStatus(ui.error.hidden ? "idle" : "error", ui.error.hidden ? "Disconnected" : "Disconnected (error)");
+    app.lastStats = snapshotStats(this);
     renderStats();
   }
 }
@@ -750,8 +814,7 @@ async function connect() {
   try {
     localStorage.setItem("personaplex.voice", ui.voice.value);
   } catch {}
-  clearTranscript();
-  app.recorder.clear();
+  clearTranscript(); // the previous recording stays downloadable until the new conversation goes live
   app.lastStats = null;
   const session = new Session(params);
   app.session = session;
@@ -822,6 +885,8 @@ window.personaplex = {
   },
   stats: () => (app.session ? snapshotStats(app.session) : app.lastStats),
   transcript: () => (ui.transcript.dataset.empty === "true" ? "" : ui.transcript.textContent),
+  socketOpen: () => !!(app.session && app.session.ws && app.session.ws.readyState === WebSocket.OPEN),
+  decodePiece,
   connect,
   disconnect,
   buildWav,

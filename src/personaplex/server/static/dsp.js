@@ -93,15 +93,19 @@ export function floatToInt16(samples) {
 
 /** Collects two aligned channels (16-bit) for the conversation download. */
 export class StereoRecorder {
-  constructor(sampleRate) {
+  constructor(sampleRate, maxSeconds = 3600) {
     this.sampleRate = sampleRate;
+    this.maxFrames = Math.round(maxSeconds * sampleRate); // bounds memory (4 bytes a frame)
     this.left = [];
     this.right = [];
     this.frames = 0;
+    this.truncated = false;
   }
 
   append(left, right) {
-    const n = Math.min(left.length, right.length);
+    let n = Math.min(left.length, right.length, this.maxFrames - this.frames);
+    if (n < Math.min(left.length, right.length)) this.truncated = true;
+    if (n <= 0) return;
     this.left.push(floatToInt16(left.subarray(0, n)));
     this.right.push(floatToInt16(right.subarray(0, n)));
     this.frames += n;
@@ -111,6 +115,7 @@ export class StereoRecorder {
     this.left = [];
     this.right = [];
     this.frames = 0;
+    this.truncated = false;
   }
 
   /** A RIFF/WAVE file: PCM 16-bit, 2 channels (left = agent, right = user). */

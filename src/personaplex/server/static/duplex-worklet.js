@@ -116,7 +116,7 @@ class DuplexProcessor extends AudioWorkletProcessor {
     }
     if (i < out.length) {
       out.fill(0, i);
-      if (this.started) this.underrunSamples += out.length - i;
+      if (this.playedSamples > 0) this.underrunSamples += out.length - i; // not the initial pre-buffering
     }
     for (let k = 0; k < out.length; k++) {
       const a = Math.abs(out[k]);
