@@ -193,3 +193,30 @@ def test_voice_file_round_trip(checkpoint, personas, tmp_path):
     assert rel < 2e-2  # the file stores bf16 embeddings, as released
     assert personas.voice(str(path))[1].embeddings is not None  # a path works where paths are allowed
     assert NOT_FORCED not in from_file.next_column.tolist()
+
+
+def test_personas_cache_query_and_bare_models(checkpoint, personas):
+    lm = checkpoint.lm
+    text = "You are a patient tutor named Bo."
+    assert not personas.cached("DEMO_HIGH", text)
+    persona = personas.get("DEMO_HIGH", text)
+    assert personas.cached("DEMO_HIGH", text) and personas.cached("DEMO_HIGH.wav", text)
+    assert personas.get("DEMO_HIGH", text) is persona
+    from personaplex.lm import LMModel
+
+    moshi_like = LMModel(dataclasses.replace(lm.config, dep_q=8))
+    moshi_like.init_weights(torch.Generator().manual_seed(0))
+    bare = Personas(moshi_like, checkpoint.mimi, checkpoint.tokenizer, checkpoint.files.voices_dir)
+    assert bare.bare and bare.get("DEMO_LOW", PROMPT).length == 0  # Moshi models take no persona prompt
+
+
+def test_clear_empties_the_batch(checkpoint, personas):
+    engine = BatchEngine(checkpoint.lm, checkpoint.mimi, max_batch=2)
+    persona = personas.get("DEMO_LOW", PROMPT)
+    convs = [engine.join(persona, SamplingParams(seed=i)) for i in range(2)]
+    engine.step(torch.zeros(2, 1920))
+    engine.clear()
+    assert engine.active == 0 and not any(c.active for c in convs)
+    assert engine.step(torch.zeros(0, 1920)) == []
+    again = engine.join(persona, SamplingParams(seed=0))
+    assert again.row == 0 and len(engine.step(torch.zeros(1, 1920))) == 1

@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "offline": ("personaplex.offline", "run one conversation from a wav file: agent wav and transcript out"),
     "voice": ("personaplex.voice_cmd", "turn an audio file into a reusable voice file (.pt)"),
     "info": ("personaplex.cli", "describe a checkpoint: files, model configuration, parameter count"),
+    "synth": ("personaplex.train.cli", "scripted dialogues -> training conversations (stereo wav + word times)"),
+    "train-prepare": ("personaplex.train.cli", "prepare a folder of conversations into training token shards"),
+    "train": ("personaplex.train.cli", "fine-tune a checkpoint (LoRA or full; torchrun for FSDP2)"),
+    "train-export": ("personaplex.train.cli", "export a training run as a checkpoint (or its LoRA weights)"),
     "serve": ("personaplex.server.cli", "real-time websocket server for the web client and released clients"),
 }
 

@@ -17,7 +17,7 @@ import torch
 from .config import SAMPLE_RATE, get_preset
 from .hub import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_DIR
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"  # bump whenever what build_demo_checkpoint writes changes
 MARKER = "DEMO_RANDOM_WEIGHTS.txt"
 
 

@@ -141,6 +141,14 @@ class BatchEngine:
         self.dec = self.dec.index_select(order) if order else None
         self.state.kv.reset(_row_mask(last, self.max_batch, self.device))
 
+    def clear(self) -> None:
+        """End every conversation at once (e.g. after a failed step) and return to an empty batch."""
+        for conv in self.rows.conversations:
+            conv.active = False
+        self.rows.conversations.clear()
+        self.enc = self.dec = None
+        self.state.kv.reset()
+
     # -- stepping -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, user_pcm: torch.Tensor) -> list[FrameResult]:

@@ -93,6 +93,9 @@ class PersonaCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
 
 class Personas:
     """Voice prompts and personas of one model, each built once.
@@ -103,10 +106,12 @@ class Personas:
     """
 
     def __init__(self, lm: LMModel, mimi, tokenizer, voices_dir=None, capacity: int = 16,
-                 allow_paths: bool = False) -> None:
+                 allow_paths: bool = False, bare: bool | None = None) -> None:
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
         self.voices_dir = voices_dir
         self.allow_paths = allow_paths
+        # Moshi models (depformer predicting the agent only) were trained without a persona prompt.
+        self.bare = lm.config.dep_q < lm.config.n_q if bare is None else bare
         self.cache = PersonaCache(capacity)
         self._voices: OrderedDict[Hashable, VoicePrompt] = OrderedDict()
 
@@ -147,9 +152,25 @@ class Personas:
             return load_voice_file(path, self.lm)
         return voice_from_audio(self.mimi, read_audio(path), name=path.stem)
 
+    def key(self, voice: str | None, text_prompt: str) -> Hashable:
+        """What identifies the persona of (voice, text prompt), found without building anything."""
+        if self.bare:
+            return ("bare",)
+        voice_key = None
+        if voice:
+            path = self.voice_path(voice)
+            voice_key = (str(path.resolve()), path.stat().st_mtime_ns)
+        return voice_key, tuple(self.tokenizer.system_prompt_ids(text_prompt))
+
+    def cached(self, voice: str | None, text_prompt: str) -> bool:
+        """Whether `get` would return at once (no prompt to run)."""
+        return self.key(voice, text_prompt) in self.cache
+
     def get(self, voice: str | None, text_prompt: str) -> Persona:
-        """The persona for (voice, text prompt), computed on first use."""
-        prompt = self.tokenizer.system_prompt_ids(text_prompt)
-        voice_key, voice_prompt = self.voice(voice)
-        return self.cache.get((voice_key, tuple(prompt)),
-                              lambda: build_persona(self.lm, voice_prompt, prompt, text_prompt))
+        """The persona for (voice, text prompt), computed on first use (no prompt at all for bare models)."""
+        key = self.key(voice, text_prompt)
+        if self.bare:
+            return self.cache.get(key, lambda: build_persona(self.lm, None, [], bare=True))
+        prompt = list(key[1])
+        _, voice_prompt = self.voice(voice)
+        return self.cache.get(key, lambda: build_persona(self.lm, voice_prompt, prompt, text_prompt))

@@ -1,12 +1,5 @@
-"""The aiohttp application: the `/api/chat` websocket, a few JSON endpoints, health, metrics, the web client.
-
-Routes:
-- `GET /api/chat`: the conversation websocket (see `protocol`).
-- `GET /api/voices`: `{"voices": [...], "default": "NATF2"}`, the voice names a client may ask for.
-- `GET /api/info`: the model, limits, frame rate and sampling defaults.
-- `GET /healthz`: 200, `{"status": "ok", "active": n, "queued": q, ...}`.
-- `GET /metrics`: Prometheus text format.
-- `GET /` and `GET /static/...` (or `/<file>`): the web client in `static/`, if it is there.
+"""The aiohttp application: `/api/chat` (the conversation websocket), `/api/voices`, `/api/info`, `/healthz`,
+`/metrics`, and the web client from `static/` at `/` and `/static/...` (docs/serving.md lists them all).
 
 Each websocket is a `ChatSession`. A caller is admitted when a batch row is free, waits in a bounded queue
 (told its position with 0x04 metadata), or is told the server is full (0x05) and closed. Every failure of one
@@ -28,6 +21,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from ..config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, TEXT_EPAD, TEXT_PAD
 from ..engine import EngineFullError, Personas, SamplingParams
 from ..errors import PersonaplexError, VoiceNotFoundError
+from ..hub import VOICE_SUFFIXES
 from . import protocol
 from .loop import Admission, InputBuffer, ModelLoop, Slot, Waiter
 
@@ -112,14 +106,13 @@ class ChatSession:
         server = self.server
         try:
             request = protocol.parse_query(self.request.query, server.limits)
-            if request.voice is not None:
-                server.personas.voice_path(request.voice)  # a name among the voices, never a path
+            voice = resolve_voice(server.personas, request.voice)
         except (protocol.ProtocolError, VoiceNotFoundError) as error:
             server.counters["rejected_bad_request"] += 1
             log.info("conversation %s refused: %s", self.name, error)
             await self.close_with_error(str(error), WSCloseCode.POLICY_VIOLATION)
             return
-        self.slot = Slot(request.voice, request.text_prompt, request.params, deliver=self._on_frame,
+        self.slot = Slot(voice, request.text_prompt, request.params, deliver=self._on_frame,
                          input=InputBuffer(int(server.settings.input_buffer_seconds * SAMPLE_RATE)),
                          failed=self._on_failed)
         self.sender = asyncio.create_task(self._send_loop())
@@ -140,10 +133,9 @@ class ChatSession:
             return
         except ConnectionResetError:
             return
-        self.joined = True
+        self._mark_joined()
         log.info("conversation %s started: voice %s, prompt of %d characters, seed %s", self.name,
-                 request.voice, len(request.text_prompt), request.params.seed)
-        self.outbox.put(protocol.HANDSHAKE)
+                 voice, len(request.text_prompt), request.params.seed)
         await asyncio.wait({self.reader, self.sender, self.ended}, return_when=asyncio.FIRST_COMPLETED)
         if self.ended.done():
             await self.close_with_error(self.ended.result())
@@ -170,12 +162,22 @@ class ChatSession:
             moved.cancel()
             if waiter.admitted.done():
                 self.admitted, self.waiter = True, None
+                self.outbox.put(protocol.metadata_message(
+                    {"status": "preparing", "queue_position": 0, "queue_length": len(admission.waiting)}))
                 return True
             if self.reader.done():
                 return False
 
+    def _mark_joined(self) -> None:
+        """Send the handshake once: when the join is reported or, if a tick outran that report, before the
+        first frame (a client must never see audio before the handshake)."""
+        if not self.joined:
+            self.joined = True
+            self.outbox.put(protocol.HANDSHAKE)
+
     # -- model side (event loop callbacks) -----------------------------------------------------------------
     def _on_frame(self, pcm, token: int) -> None:
+        self._mark_joined()
         piece = self.server.tokenizer.piece(token) if token not in (TEXT_EPAD, TEXT_PAD) else ""
         before = self.outbox.dropped
         self.outbox.put_frame(pcm, piece)
@@ -371,6 +373,29 @@ class ChatServer:
         return web.FileResponse(path)
 
 
+def resolve_voice(personas: Personas, name: str | None) -> str | None:
+    """The voice name to build a persona with: a name among the server's voices, never a path.
+
+    Released clients append `.pt` ("NATF0.pt"); where a voice exists only as audio ("DEMO_LOW.wav"), the
+    name without its extension is accepted too. Raises VoiceNotFoundError listing the voices otherwise.
+    """
+    if name is None:
+        return None
+    try:
+        personas.voice_path(name)
+        return name
+    except VoiceNotFoundError:
+        stem, dot, suffix = name.rpartition(".")
+        if not (dot and stem and "." + suffix.lower() in VOICE_SUFFIXES):
+            raise
+    try:
+        personas.voice_path(stem)
+        return stem
+    except VoiceNotFoundError:
+        raise VoiceNotFoundError(f"voice {name!r} not found; available: "
+                                 f"{', '.join(personas.available_voices()) or '(none)'}") from None
+
+
 def _static_path(relative: str) -> Path | None:
     """A file inside STATIC_DIR named by a URL path, or None; nothing outside the folder, no hidden files."""
     parts = [p for p in relative.split("/") if p]
@@ -434,10 +459,21 @@ def render_metrics(server: ChatServer) -> str:
     return "\n".join(lines) + "\n"
 
 
+SERVER_KEY: web.AppKey["ChatServer"] = web.AppKey("chat_server")
+
+
+def make_runner(server: ChatServer) -> web.AppRunner:
+    """An AppRunner for `server`'s app whose request line fits the longest accepted prompt (released clients
+    send the prompt in the query string, up to 12 URL characters per character)."""
+    line = max(8190, 12 * server.settings.max_prompt_chars + 4096)
+    return web.AppRunner(create_app(server), access_log=None, handle_signals=False, max_line_size=line,
+                         max_field_size=max(8190, line))
+
+
 def create_app(server: ChatServer) -> web.Application:
     """The aiohttp application of `server`; the model loop is started and stopped with the app."""
     app = web.Application()
-    app["chat_server"] = server
+    app[SERVER_KEY] = server
 
     async def start_loop(app: web.Application) -> None:
         if not server.model_loop.started:
@@ -466,4 +502,4 @@ def create_app(server: ChatServer) -> web.Application:
     return app
 
 
-__all__ = ["ChatServer", "ChatSession", "ServerSettings", "create_app", "render_metrics", "STATIC_DIR"]
+__all__ = ["ChatServer", "ChatSession", "ServerSettings", "create_app", "make_runner", "render_metrics", "STATIC_DIR"]

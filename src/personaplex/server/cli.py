@@ -66,8 +66,10 @@ def default_max_conversations(lm) -> int:
     return max(1, min(GPU_MAX_CONVERSATIONS, fits))
 
 
-def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = True, on_frame=None):
-    """A `ChatServer` on a loaded checkpoint (its model loop starts with the app)."""
+def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = True, on_frame=None,
+                 personas=None):
+    """A `ChatServer` on a loaded checkpoint (its model loop starts with the app). `personas` may be shared
+    between servers of the same checkpoint (tests), else one is made for `voices_dir`; never with paths."""
     from ..engine import BatchEngine, Personas
     from ..offline import choose_voice
     from .app import ChatServer, ServerSettings
@@ -75,7 +77,10 @@ def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = 
 
     settings = settings or ServerSettings()
     voices_dir = voices_dir or checkpoint.files.voices_dir
-    personas = Personas(checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer, voices_dir, allow_paths=False)
+    if personas is None:
+        personas = Personas(checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer, voices_dir, allow_paths=False)
+    elif personas.allow_paths:
+        raise ValueError("a server's personas must not accept file paths as voice names")
     if settings.default_voice is None:
         settings.default_voice = choose_voice(personas, None)
     lm, mimi, size = checkpoint.lm, checkpoint.mimi, settings.max_conversations
@@ -130,9 +135,9 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(server, host: str, port: int, context) -> None:
     from aiohttp import web
 
-    from .app import create_app
+    from .app import make_runner
 
-    runner = web.AppRunner(create_app(server), handle_signals=False, access_log=None)
+    runner = make_runner(server)
     await runner.setup()  # starts the model loop and builds the default persona
     site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()

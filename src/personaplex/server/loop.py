@@ -237,15 +237,17 @@ class ModelLoop:
     # -- model thread --------------------------------------------------------------------------------------
     def _run(self, ready: concurrent.futures.Future, warm_up) -> None:
         try:
-            with torch.inference_mode():
+            with torch.no_grad():
                 self.engine = self.engine_factory()
-                if warm_up is not None:
-                    self._build_persona(*warm_up)
+                if warm_up is not None:  # the default persona, and one step so the first caller waits less
+                    conv = self.engine.join(self._build_persona(*warm_up))
+                    self.engine.step(torch.zeros(1, FRAME_SIZE))
+                    self.engine.leave(conv)
         except BaseException as error:
             ready.set_exception(error)
             return
         ready.set_result(None)
-        with torch.inference_mode():
+        with torch.no_grad():
             self._deadline = time.perf_counter()
             while not self._stopping.is_set():
                 try:
@@ -368,11 +370,9 @@ class ModelLoop:
         """End every conversation; the engine's rows are freed, or the engine rebuilt if that fails too."""
         for slot in list(self._slots.values()):
             self._fail(slot, reason)
-        convs = list(reversed(self.engine.rows.conversations))
         self._slots.clear()
         try:
-            for conv in convs:
-                self.engine.leave(conv)
+            self.engine.clear()
             return
         except Exception:
             log.exception("freeing the batch failed; rebuilding the engine")
