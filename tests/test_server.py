@@ -468,3 +468,35 @@ def test_serve_command_defaults_and_flag_errors():
     assert ssl_context(None, None) is None
     with pytest.raises(ValueError, match="go together"):
         ssl_context("cert.pem", None)
+
+
+def test_new_personas_are_built_one_per_tick(checkpoint):
+    """A persona's prompt delays everyone's next frame: callers arriving together get theirs built on
+    successive ticks, and all are served."""
+    fresh = Personas(checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer, checkpoint.files.voices_dir)
+    ticks_at_build: list[int] = []
+
+    async def main():
+        async with serving(checkpoint, fresh, max_conversations=3) as (server, base, http):
+            original = fresh.get
+
+            def counting_get(voice, text):
+                if not fresh.cached(voice, text):
+                    ticks_at_build.append(server.model_loop.stats.ticks)
+                return original(voice, text)
+
+            fresh.get = counting_get
+
+            async def caller(i):
+                url = chat_url(base, voice_prompt="DEMO_HIGH", text_prompt=f"You are caller number {i}.", seed=i)
+                async with http.ws_connect(url) as ws:
+                    client = Client(ws, speech_like(1.0, seed=i))
+                    await client.handshake()
+                    await client.stream(frames=4)
+                return client
+
+            return await asyncio.gather(caller(0), caller(1), caller(2))
+
+    clients = asyncio.run(main())
+    assert len(ticks_at_build) == 3 and len(set(ticks_at_build)) == 3, ticks_at_build
+    assert all(not c.errors and len(c.audio) >= 4 for c in clients)

@@ -194,6 +194,8 @@ class ModelLoop:
         self.engine: BatchEngine | None = None
         self._slots: dict[int, Slot] = {}  # conversation id -> slot, model thread only
         self._commands: queue.Queue = queue.Queue()
+        self._deferred: deque = deque()  # joins waiting for their persona to be built (model thread only)
+        self._built_since_tick = False  # a persona prompt already ran since the last tick
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
@@ -258,13 +260,23 @@ class ModelLoop:
                     self._deadline = time.perf_counter()
         for slot in list(self._slots.values()):
             self._fail(slot, "the server is shutting down")
+        while True:  # joins that never ran: their callers must not wait forever
+            try:
+                kind, _, future = self._deferred.popleft() if self._deferred else self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "join" and future.set_running_or_notify_cancel():
+                future.set_exception(ConnectionResetError("the server is shutting down"))
 
     def _iterate(self) -> None:
         if self.engine is None:  # a rebuild failed earlier (e.g. out of memory): try again
             self.engine = self.engine_factory()
         if not self._slots:
+            self._built_since_tick = False  # nobody to delay
             try:  # idle: sleep until someone joins
-                self._handle(self._commands.get(timeout=0.5))
+                if not self._deferred:
+                    self._deferred.append(self._commands.get(timeout=0.5))
+                self._drain_commands()
             except queue.Empty:
                 pass
             self._deadline = time.perf_counter()
@@ -277,6 +289,7 @@ class ModelLoop:
             time.sleep(pause)
         started = time.perf_counter()
         self._tick()
+        self._built_since_tick = False
         finished = time.perf_counter()
         self.stats.record(finished - started)
         self._deadline += self.tick_seconds
@@ -285,12 +298,29 @@ class ModelLoop:
             self._deadline = finished
 
     def _drain_commands(self) -> None:
+        """Handle what arrived since the last tick. A persona that is not cached yet runs its prompt (a prefill
+        that delays everyone's next frame), so at most one is built per tick; later ones wait a tick each."""
+        pending = list(self._deferred)
+        self._deferred.clear()
         while True:
             try:
-                command = self._commands.get_nowait()
+                pending.append(self._commands.get_nowait())
             except queue.Empty:
-                return
+                break
+        for command in pending:
+            kind, slot, _ = command
+            if kind == "join" and not slot.closed and not self._persona_cached(slot):
+                if self._built_since_tick:
+                    self._deferred.append(command)
+                    continue
+                self._built_since_tick = True
             self._handle(command)
+
+    def _persona_cached(self, slot: Slot) -> bool:
+        try:
+            return self.personas.cached(slot.voice, slot.text_prompt)
+        except Exception:  # an unknown voice and the like: let the join report it
+            return True
 
     def _handle(self, command) -> None:
         kind, slot, future = command
