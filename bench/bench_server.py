@@ -28,18 +28,10 @@ import aiohttp
 import numpy as np
 import sphn
 
+from personaplex.audio import voiced_signal as speech_like
+
 RATE = 24_000
 TICK_MS = 80.0
-
-
-def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
-    """A voiced test signal (harmonics with moving pitch and loudness), like the tests' one."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + seed)
-    phase = 2 * np.pi * np.cumsum(f0) / RATE
-    x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return (0.2 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 @dataclass

@@ -25,10 +25,15 @@ def checkpoint(demo_dir):
 
 
 def speech_like(seconds: float, seed: int = 0, rate: int = 24_000) -> np.ndarray:
-    """A deterministic voiced signal (harmonics with pitch and amplitude movement plus a little noise)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + seed)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return (0.2 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+    from personaplex.audio import voiced_signal
+
+    return voiced_signal(seconds, seed, rate)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny per-frame ops run faster and steadier on one thread than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

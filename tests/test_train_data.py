@@ -23,13 +23,7 @@ from personaplex.train.sample import Item, build_sample, chunk_items, collate
 PROMPT = "You are Sam from Acme."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny per-frame ops: one thread is faster and steadier than two on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- words -> text stream -------------------------------------------------------------------------------------

@@ -33,12 +33,7 @@ LINES = [("You are Sam.", "Hello there.", "Hi, can you help me?", "Sure thing.")
          ("You work at a shop.", "Welcome back.", "Is it open?", "Yes it is.")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -84,3 +84,14 @@ def write_wav(path: str | Path, x: np.ndarray, sample_rate: int = SAMPLE_RATE) -
     data = x.T if x.ndim == 2 else x
     sf.write(str(path), np.clip(data, -1.0, 1.0), sample_rate, subtype="PCM_16")
     return path
+
+
+def voiced_signal(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A deterministic speech-like test signal (harmonics with moving pitch and loudness, a little noise),
+    used by the tests and benchmarks where a real recording is not at hand."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + seed)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(h * phase) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (0.2 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
