@@ -220,3 +220,31 @@ def test_clear_empties_the_batch(checkpoint, personas):
     assert engine.step(torch.zeros(0, 1920)) == []
     again = engine.join(persona, SamplingParams(seed=0))
     assert again.row == 0 and len(engine.step(torch.zeros(1, 1920))) == 1
+
+
+def test_a_failed_join_leaves_the_batch_as_it_was(checkpoint, personas, monkeypatch):
+    engine = BatchEngine(checkpoint.lm, checkpoint.mimi, max_batch=2)
+    persona = personas.get("DEMO_LOW", PROMPT)
+    first = engine.join(persona, SamplingParams(seed=1))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_prime", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.join(persona, SamplingParams(seed=2))
+    monkeypatch.undo()
+    assert engine.active == 1 and engine.enc.batch_size == 1 and first.row == 0
+    assert len(engine.step(torch.zeros(1, 1920))) == 1
+    other = BatchEngine(checkpoint.lm, checkpoint.mimi, max_batch=1).join(persona)
+    assert other.id != first.id  # ids are unique across engines (a server may rebuild its engine)
+
+
+def test_persona_cache_is_bounded_in_frames(checkpoint):
+    from personaplex.engine import PersonaCache
+
+    lm = checkpoint.lm
+    cache = PersonaCache(capacity=16, max_frames=40)
+    for i in range(4):
+        cache.get(i, lambda i=i: build_persona(lm, None, list(range(10, 10 + i + 1))))  # 12 + i + 1 frames
+    assert cache.frames <= 40 and 3 in cache and 0 not in cache

@@ -171,6 +171,21 @@ def test_input_buffer_bounds_and_pads():
     assert not complete and frame[:100].sum() == 100 and frame[100:].sum() == 0
 
 
+def test_input_backlog_after_a_stall_is_trimmed():
+    """A burst after a network stall must not add its length to the caller's latency for good."""
+    buffer = InputBuffer(25 * FRAME_SIZE)
+    buffer.push(np.ones(10 * FRAME_SIZE, np.float32))  # 800 ms arriving at once
+    for tick in range(InputBuffer.BACKLOG_TICKS + 2):
+        buffer.push(np.ones(FRAME_SIZE, np.float32))  # then real time again
+        buffer.take_frame()
+    assert len(buffer) <= InputBuffer.BACKLOG_SAMPLES and buffer.dropped_samples > 0
+    steady = InputBuffer(25 * FRAME_SIZE)
+    for tick in range(3 * InputBuffer.BACKLOG_TICKS):  # a caller one frame ahead is never trimmed
+        steady.push(np.ones(FRAME_SIZE if tick else 2 * FRAME_SIZE, np.float32))
+        steady.take_frame()
+    assert steady.dropped_samples == 0
+
+
 def test_outbox_drops_audio_of_a_slow_reader_but_keeps_text():
     async def main():
         outbox = Outbox(max_frames=3)

@@ -28,6 +28,9 @@ from .persona import Persona
 from .sampling import SamplingParams, sample
 
 
+_IDS = itertools.count()  # conversation ids are unique across engines (a server may rebuild its engine)
+
+
 class EngineFullError(RuntimeError):
     """Every row of the batch is taken."""
 
@@ -37,7 +40,7 @@ class Conversation:
     """A handle on one conversation of the engine."""
 
     id: int
-    persona: Persona
+    persona_length: int  # prompt frames (the persona itself stays in the cache, not with the conversation)
     params: SamplingParams
     seed: int
     row: int = -1
@@ -92,7 +95,6 @@ class BatchEngine:
         self._gen_next = gen[delays[gen] > 0].to(dev)  # ... sampled in the call that returns frame c
         self.enc = None  # Mimi encoder state of rows 0..n-1
         self.dec = None
-        self._ids = itertools.count()
 
     # -- membership -----------------------------------------------------------------------------------------
     @property
@@ -105,21 +107,30 @@ class BatchEngine:
         if self.active >= self.max_batch:
             raise EngineFullError(f"all {self.max_batch} conversation slots are in use")
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        conv = Conversation(next(self._ids), persona, params, seed, row=self.active)
+        conv = Conversation(next(_IDS), persona.length, params, seed, row=self.active)
         r = conv.row
-        self.state.kv.load_prefix_(r, persona.keys, persona.values, pin=self.pin_prompt)
         rows = self.rows
-        rows.column[r] = persona.next_column
-        greedy = params.greedy
-        rows.temperature[r, 0] = 0.0 if greedy else params.text_temperature
-        rows.temperature[r, 1] = 0.0 if greedy else params.audio_temperature
-        rows.topk[r, 0], rows.topk[r, 1] = params.text_topk, params.audio_topk
-        rows.topk_cpu[r] = rows.topk[r].cpu()
-        rows.seed[r], rows.counter[r] = seed, 0
-        rows.conversations.append(conv)
-        self.enc = _append(self.enc, self.mimi.init_encoder_state(1))
-        self.dec = _append(self.dec, self.mimi.init_decoder_state(1))
-        self._prime(r, persona)
+        enc, dec = self.enc, self.dec
+        try:
+            self.state.kv.load_prefix_(r, persona.keys, persona.values, pin=self.pin_prompt)
+            rows.column[r] = persona.next_column
+            greedy = params.greedy
+            rows.temperature[r, 0] = 0.0 if greedy else params.text_temperature
+            rows.temperature[r, 1] = 0.0 if greedy else params.audio_temperature
+            rows.topk[r, 0], rows.topk[r, 1] = params.text_topk, params.audio_topk
+            rows.topk_cpu[r] = rows.topk[r].cpu()
+            rows.seed[r], rows.counter[r] = seed, 0
+            rows.conversations.append(conv)
+            self.enc = _append(enc, self.mimi.init_encoder_state(1))
+            self.dec = _append(dec, self.mimi.init_decoder_state(1))
+            self._prime(r, persona)
+        except BaseException:  # e.g. out of memory: leave the batch exactly as it was
+            if rows.conversations and rows.conversations[-1] is conv:
+                rows.conversations.pop()
+            self.enc, self.dec = enc, dec
+            self.state.kv.reset(_row_mask(r, self.max_batch, self.device))
+            conv.active = False
+            raise
         return conv
 
     def leave(self, conv: Conversation) -> None:

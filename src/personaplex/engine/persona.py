@@ -70,13 +70,19 @@ def build_persona(lm: LMModel, voice: VoicePrompt | None, text_ids: list[int], t
 
 
 class PersonaCache:
-    """Least-recently-used personas, keyed by whatever identifies (voice, text prompt)."""
+    """Least-recently-used personas, keyed by whatever identifies (voice, text prompt), bounded both in count
+    and in prompt frames (a persona's KV costs ~0.5 MiB per frame on the 7B model in bf16)."""
 
-    def __init__(self, capacity: int = 16) -> None:
+    def __init__(self, capacity: int = 16, max_frames: int = 4096) -> None:
         self.capacity = capacity
+        self.max_frames = max_frames
         self._items: OrderedDict[Hashable, Persona] = OrderedDict()
         self.hits = 0
         self.misses = 0
+
+    @property
+    def frames(self) -> int:
+        return sum(p.length for p in self._items.values())
 
     def get(self, key: Hashable, build: Callable[[], Persona]) -> Persona:
         if key in self._items:
@@ -86,7 +92,7 @@ class PersonaCache:
         self.misses += 1
         persona = build()
         self._items[key] = persona
-        while len(self._items) > self.capacity:
+        while len(self._items) > 1 and (len(self._items) > self.capacity or self.frames > self.max_frames):
             self._items.popitem(last=False)
         return persona
 

@@ -190,9 +190,9 @@ class Attention(nn.Module):
 def _attend_two_rotations(q, q_prompt, keys, values, mask, prompt_keys):
     """Attention where pinned keys are scored with a differently rotated query (see module docstring)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, keys.transpose(-1, -2))
-    scores = torch.where(prompt_keys, torch.matmul(q_prompt, keys.transpose(-1, -2)), scores) * scale
-    scores = scores.float().masked_fill(~mask, float("-inf"))
+    keys_t = keys.float().transpose(-1, -2)  # scores in fp32, as the fused kernels accumulate them
+    scores = torch.where(prompt_keys, torch.matmul(q_prompt.float(), keys_t), torch.matmul(q.float(), keys_t))
+    scores = (scores * scale).masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
 
 

@@ -45,6 +45,7 @@ class InputBuffer:
         self._data = np.zeros(0, dtype=np.float32)
         self._lock = threading.Lock()
         self.dropped_samples = 0
+        self._backlog_ticks = 0
 
     def push(self, pcm: np.ndarray) -> None:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
@@ -56,10 +57,21 @@ class InputBuffer:
                 data = data[excess:]
             self._data = data
 
+    # A backlog left by a network stall would add its length to the caller's latency for the rest of the call:
+    # when more than this much audio stays queued for `BACKLOG_TICKS` ticks in a row, the excess is dropped.
+    BACKLOG_SAMPLES = 2 * FRAME_SIZE
+    BACKLOG_TICKS = 25  # 2 s
+
     def take_frame(self) -> tuple[np.ndarray, bool]:
         """One frame (1920,) and whether it was complete; a short buffer is padded with silence."""
         with self._lock:
             got, self._data = self._data[:FRAME_SIZE], self._data[FRAME_SIZE:]
+            self._backlog_ticks = self._backlog_ticks + 1 if self._data.size > self.BACKLOG_SAMPLES else 0
+            if self._backlog_ticks >= self.BACKLOG_TICKS:
+                excess = self._data.size - FRAME_SIZE // 2
+                self.dropped_samples += excess
+                self._data = self._data[excess:]
+                self._backlog_ticks = 0
         if got.size == FRAME_SIZE:
             return got, True
         frame = np.zeros(FRAME_SIZE, dtype=np.float32)
@@ -363,7 +375,12 @@ class ModelLoop:
 
     def _tick(self) -> None:
         engine = self.engine
+        for conv in [c for c in engine.rows.conversations if c.id not in self._slots]:
+            log.error("conversation %d holds a row without a caller; freeing it", conv.id)
+            engine.leave(conv)  # never step rows nobody listens to (and never stall on them)
         rows = engine.rows.conversations
+        if not rows:
+            return
         slots = [self._slots[conv.id] for conv in rows]
         frames = []
         for slot in slots:

@@ -30,7 +30,7 @@ import torch
 
 from .data import DatasetError, PreparedDataset
 from .loss import STATS, LossConfig, denominators, loss_parts, metrics, step_loss, target_weights
-from .parallel import (Dist, all_reduce_sum, checkpoint_dir, close_distributed, init_distributed, latest_checkpoint,
+from .parallel import (Dist, all_reduce_sum, barrier, checkpoint_dir, close_distributed, init_distributed, latest_checkpoint,
                        load_run_state, parallelize, prune_checkpoints, save_run_state)
 from .sample import ItemOrder, chunk_items, build_sample, collate
 
@@ -303,7 +303,10 @@ def _prepare_run_dir(cfg: TrainConfig, d: Dist) -> Path | None:
                              "start a new --run-dir")
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        partial = saved.with_name(saved.name + ".partial")  # atomic: other ranks may be reading it
+        partial.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        partial.replace(saved)
+    barrier(d)  # no rank goes on while the run directory is being set up
     return latest
 
 
