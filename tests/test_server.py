@@ -515,3 +515,17 @@ def test_new_personas_are_built_one_per_tick(checkpoint):
     clients = asyncio.run(main())
     assert len(ticks_at_build) == 3 and len(set(ticks_at_build)) == 3, ticks_at_build
     assert all(not c.errors and len(c.audio) >= 4 for c in clients)
+
+
+def test_a_caller_who_sends_no_audio_is_closed_after_the_idle_timeout(checkpoint, personas):
+    async def main():
+        async with serving(checkpoint, personas, idle_timeout_seconds=0.4) as (server, base, http):
+            async with http.ws_connect(chat_url(base, voice_prompt="DEMO_LOW", text_prompt=PROMPT)) as ws:
+                client = Client(ws)
+                await client.handshake()
+                await client.receive_until(lambda: client.errors, timeout=15)  # sends nothing at all
+            await wait_for(lambda: server.model_loop.active == 0)
+            return client
+
+    client = asyncio.run(main())
+    assert client.errors and "no audio received" in client.errors[0]

@@ -45,6 +45,7 @@ class ServerSettings:
     default_text_prompt: str = ""
     demo: bool = False
     heartbeat_seconds: float | None = 30.0  # websocket pings; a peer that never answers is closed
+    idle_timeout_seconds: float | None = 60.0  # a caller sending no audio this long loses its row
 
 
 class Outbox:

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--queue", type=int, default=0,
                         help="callers allowed to wait for a free slot (default 0: refuse when full)")
     limits.add_argument("--max-prompt-chars", type=int, default=4000, help="longest text prompt accepted")
+    limits.add_argument("--idle-timeout", type=float, default=60.0,
+                        help="close a conversation whose caller sends no audio for this many seconds "
+                             "(default 60; 0: never)")
     persona = parser.add_argument_group("persona")
     persona.add_argument("--voice-prompt-dir", default=None,
                          help="folder of voice files clients may name (default: the checkpoint's voices)")
@@ -73,7 +76,7 @@ def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = 
     from ..engine import BatchEngine, Personas
     from ..offline import choose_voice
     from .app import ChatServer, ServerSettings
-    from .loop import ModelLoop
+    from .loop import TICK_SECONDS, ModelLoop
 
     settings = settings or ServerSettings()
     voices_dir = voices_dir or checkpoint.files.voices_dir
@@ -84,8 +87,9 @@ def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = 
     if settings.default_voice is None:
         settings.default_voice = choose_voice(personas, None)
     lm, mimi, size = checkpoint.lm, checkpoint.mimi, settings.max_conversations
+    idle = settings.idle_timeout_seconds
     model_loop = ModelLoop(lambda: BatchEngine(lm, mimi, max_batch=size, pin_prompt=pin_prompt), personas,
-                           on_frame=on_frame)
+                           on_frame=on_frame, idle_ticks=max(1, round(idle / TICK_SECONDS)) if idle else None)
     c = lm.config
     info = {"source": str(checkpoint.files.source), "dim": c.dim, "num_layers": c.num_layers,
             "num_heads": c.num_heads, "context": c.context, "n_q": c.n_q, "dep_q": c.dep_q,
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         max_conversations=args.max_conversations or default_max_conversations(ckpt.lm),
         queue=args.queue, max_prompt_chars=args.max_prompt_chars, demo=args.demo,
-        default_text_prompt=args.default_text_prompt)
+        default_text_prompt=args.default_text_prompt, idle_timeout_seconds=args.idle_timeout or None)
     server = build_server(ckpt, settings, voices_dir=args.voice_prompt_dir, pin_prompt=not args.forget_persona)
     voices = server.voices()
     log.info("voices: %s (default %s)", ", ".join(voices) if voices else "(none)", settings.default_voice)

@@ -88,6 +88,7 @@ class SlotStats:
     missing: int = 0  # ticks where the caller had not delivered a whole frame (silence or padding used)
     dropped_in: int = 0  # input frames dropped because the caller sent faster than real time
     dropped_out: int = 0  # output frames dropped because the caller did not read fast enough
+    silent_streak: int = 0  # consecutive ticks without a whole frame from the caller
 
 
 @dataclass
@@ -197,8 +198,10 @@ class ModelLoop:
     """
 
     def __init__(self, engine_factory: Callable[[], BatchEngine], personas: Personas,
-                 tick_seconds: float = TICK_SECONDS, on_frame: Callable[..., Any] | None = None) -> None:
+                 tick_seconds: float = TICK_SECONDS, on_frame: Callable[..., Any] | None = None,
+                 idle_ticks: int | None = None) -> None:
         self.engine_factory = engine_factory
+        self.idle_ticks = idle_ticks  # a caller silent (no audio at all) this many ticks is dropped
         self.personas = personas
         self.tick_seconds = tick_seconds
         self.on_frame = on_frame
@@ -392,6 +395,10 @@ class ModelLoop:
             if not complete:
                 slot.stats.missing += 1
                 self.stats.frames_missing += 1
+            slot.stats.silent_streak = 0 if complete else slot.stats.silent_streak + 1
+            if self.idle_ticks and slot.stats.silent_streak == self.idle_ticks and not slot.closed:
+                self._fail(slot, f"no audio received for {self.idle_ticks * self.tick_seconds:.0f} s: "
+                                 "the conversation was closed")
             frames.append(frame)
         user = torch.from_numpy(np.stack(frames))  # (n, 1920)
         try:
