@@ -110,10 +110,6 @@ def save_from(model: nn.Module, path: Path, to_released: Rename, dtype: torch.dt
 
 
 # -- LM -----------------------------------------------------------------------------------------------------
-def _source_files(source: str | Path, need: tuple[str, ...], **hub) -> CheckpointFiles:
-    return resolve_checkpoint(source, need=need, **hub)
-
-
 def load_lm(path: str | Path, config: LMConfig | str | dict | Path | None = None,
             device: torch.device | str | None = None, dtype: torch.dtype | None = None, **hub) -> LMModel:
     """Load the LM from a `model.safetensors` file, a checkpoint directory or a hub repo id.
@@ -121,11 +117,11 @@ def load_lm(path: str | Path, config: LMConfig | str | dict | Path | None = None
     config: preset name, `LMConfig`, Moshi-style dict, or `config.json` path; by default the checkpoint's
     `config.json` when it has one, else the `personaplex-7b` preset.
     """
-    path = Path(path) if not isinstance(path, Path) else path
+    path = Path(path)
     if path.is_file():
         weights, config_file = path, path.parent / CONFIG_FILE
     else:
-        files = _source_files(str(path), ("lm",), **hub)
+        files = resolve_checkpoint(str(path), need=("lm",), **hub)
         weights, config_file = files.lm, files.config
     if config is None and config_file is not None and Path(config_file).is_file():
         config = Path(config_file)
@@ -153,7 +149,7 @@ def load_mimi(path: str | Path, device: torch.device | str | None = None, num_co
     from .codec import Mimi, MimiConfig
 
     path = Path(path)
-    weights = path if path.is_file() else _source_files(str(path), ("mimi",), **hub).mimi
+    weights = path if path.is_file() else resolve_checkpoint(str(path), need=("mimi",), **hub).mimi
     device = torch.device(device) if device is not None else default_device()
     with torch.device("meta"):
         mimi = Mimi(MimiConfig(num_codebooks=num_codebooks))

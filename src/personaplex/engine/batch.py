@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import FRAME_SIZE
-from ..lm import NOT_FORCED, LMModel, LMState, step_frame
+from ..lm import LMModel, LMState, step_frame
 from ..lm.depformer import DepformerCache
 from .persona import Persona
 from .sampling import SamplingParams, sample
@@ -229,4 +229,4 @@ def _row_mask(row: int, size: int, device) -> torch.Tensor:
     return mask
 
 
-__all__ = ["BatchEngine", "Conversation", "FrameResult", "EngineFullError", "NOT_FORCED"]
+__all__ = ["BatchEngine", "Conversation", "FrameResult", "EngineFullError"]

@@ -143,7 +143,7 @@ class Personas:
         if not spec:
             return None, None
         path = self.voice_path(spec)
-        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        key = _file_key(path)
         if key not in self._voices:
             self._voices[key] = self._load_voice(path)
             while len(self._voices) > self.cache.capacity:
@@ -162,10 +162,7 @@ class Personas:
         """What identifies the persona of (voice, text prompt), found without building anything."""
         if self.bare:
             return ("bare",)
-        voice_key = None
-        if voice:
-            path = self.voice_path(voice)
-            voice_key = (str(path.resolve()), path.stat().st_mtime_ns)
+        voice_key = _file_key(self.voice_path(voice)) if voice else None
         return voice_key, tuple(self.tokenizer.system_prompt_ids(text_prompt))
 
     def cached(self, voice: str | None, text_prompt: str) -> bool:
@@ -180,3 +177,8 @@ class Personas:
         prompt = list(key[1])
         _, voice_prompt = self.voice(voice)
         return self.cache.get(key, lambda: build_persona(self.lm, voice_prompt, prompt, text_prompt))
+
+
+def _file_key(path: Path) -> tuple[str, int]:
+    """Identifies a voice file's content for the caches: its resolved path and modification time."""
+    return str(path.resolve()), path.stat().st_mtime_ns

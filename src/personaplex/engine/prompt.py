@@ -91,7 +91,7 @@ def load_voice_file(path: str | Path, lm: LMModel) -> VoicePrompt:
     codes = torch.full((8, frames), ZERO_TOKEN, dtype=torch.long)
     codes[0, -1] = last[1]  # semantic codebook (delay 0) of the last voice frame
     codes[1:, -1] = after[2:9]  # acoustic codebooks (delay 1) of the last voice frame
-    codes[1:, -2] = last[2:9] if frames >= 2 else codes[1:, -2]
+    codes[1:, -2] = last[2:9]  # frames >= 2: embeddings has at least one row
     return VoicePrompt(codes, emb[:, 0, 0].to(lm.dtype), path.stem)
 
 
