@@ -101,6 +101,11 @@ class BatchEngine:
     def active(self) -> int:
         return len(self.rows.conversations)
 
+    @property
+    def conversations(self) -> list[Conversation]:
+        """The active conversations in step order: row i of `step`'s input and output belongs to item i."""
+        return list(self.rows.conversations)
+
     def join(self, persona: Persona, params: SamplingParams | None = None) -> Conversation:
         """Start a conversation from a persona's cached prompt state (no prompt step is re-run)."""
         params = (params or SamplingParams()).validate()

@@ -378,10 +378,10 @@ class ModelLoop:
 
     def _tick(self) -> None:
         engine = self.engine
-        for conv in [c for c in engine.rows.conversations if c.id not in self._slots]:
+        for conv in [c for c in engine.conversations if c.id not in self._slots]:
             log.error("conversation %d holds a row without a caller; freeing it", conv.id)
             engine.leave(conv)  # never step rows nobody listens to (and never stall on them)
-        rows = engine.rows.conversations
+        rows = engine.conversations
         if not rows:
             return
         slots = [self._slots[conv.id] for conv in rows]
