@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("personaplex.train.cli", "fine-tune a checkpoint (LoRA or full; torchrun for FSDP2)"),
     "train-export": ("personaplex.train.cli", "export a training run as a checkpoint (or its LoRA weights)"),
     "serve": ("personaplex.server.cli", "real-time websocket server for the web client and released clients"),
+    "eval": ("personaplex.eval.cli", "evaluate: Full-Duplex-Bench, speaker similarity, service judge, live latency"),
 }
 
 
