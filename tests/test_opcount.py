@@ -66,3 +66,18 @@ def test_no_host_sync_allows_device_work():
         torch.zeros(3, 4).to("meta")  # host to device is fine
     with NoHostSync(allow_dynamic_shapes=True), pytest.raises(NotImplementedError):
         t.nonzero()  # allowed by the guard; the meta device itself cannot do it
+
+
+def test_counts_and_checks_do_not_depend_on_inference_mode():
+    x, w = torch.randn(4, 6), torch.randn(6, 3)
+
+    def fn():
+        y = torch.nn.functional.linear(x, w.t()).to(torch.float32).contiguous()  # mm; the to/contiguous are no-ops
+        return torch.nn.functional.layer_norm(y, (3,))
+
+    plain = count_ops(fn)
+    assert plain == {"aten.mm": 1, "aten.native_layer_norm": 1}
+    with torch.inference_mode():
+        assert count_ops(fn) == plain
+        with pytest.raises(HostSyncError), NoHostSync():
+            torch.empty(3, device="meta").cpu()

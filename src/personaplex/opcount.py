@@ -15,6 +15,9 @@ visible at the dispatcher, so they can be counted on the CPU or on the meta devi
 A "view" here is an operation that only re-describes an existing tensor's memory and launches nothing:
 `VIEW_OPS` (view, reshape, select, slice, expand, transpose, permute, t, unsqueeze, squeeze, split, unbind,
 alias, detach, _unsafe_view, as_strided). Every other operation is counted, in-place ones included.
+Composite operations (`matmul`, `linear`, `to`, `contiguous`, `layer_norm`, ...) are counted as the operations
+they run (`mm`, `_to_copy`, `clone`, `native_layer_norm`; nothing for a `to` or `contiguous` that has nothing
+to do), so a count is the same with or without `torch.inference_mode()`.
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ DYNAMIC_SHAPE_OPS = frozenset(
 )
 
 
+def _decompose(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict) -> Any:
+    """Run a CompositeImplicitAutograd op (`matmul`, `to`, `layer_norm`, ...) as the ops it is made of, with
+    `mode` seeing those, or return NotImplemented. Outside `inference_mode` the autograd layer decomposes them
+    before any dispatch mode runs; inside it they reach the mode whole. Decomposing here makes the counts (and
+    the sync checks) the same in both, and counts what really runs (`x.to(x.dtype)` runs nothing)."""
+    if not func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
+        return NotImplemented
+    with mode:
+        return func.decompose(*args, **kwargs)
+
+
 def op_name(func: Any) -> str:
     """`aten.add` for `aten.add.Tensor`: the overload packet, without the overload."""
     packet = getattr(func, "overloadpacket", func)
@@ -86,6 +100,9 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = _decompose(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
         out = func(*args, **kwargs)
         if self.include_views or not is_view_op(func):
             self.counts[op_name(func)] += 1
@@ -123,6 +140,9 @@ class NoHostSync(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = _decompose(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
             raise HostSyncError(f"host synchronisation: {func} reads a tensor value back to the host")
