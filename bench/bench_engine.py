@@ -53,7 +53,7 @@ def main() -> None:
     ids = ckpt.tokenizer.system_prompt_ids(PROMPT)
     frame = torch.randn(1, 1920) * 0.05
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}; "
-          f"LM {lm.num_parameters() / 1e6:.1f} M params, prompt {prompt_frames(voice, ids, lm).shape[1]} frames")
+          f"LM {lm.num_parameters() / 1e6:.1f} M params, prompt {prompt_frames(voice, ids, lm.config).shape[1]} frames")
 
     engine = BatchEngine(lm, mimi, max_batch=1)  # a running server's engine: allocated once
 
@@ -68,7 +68,7 @@ def main() -> None:
     t_prefill = _median_ms(lambda: first_audio(build_persona(lm, voice, ids)), args.repeat)
 
     def stepped():
-        frames = prompt_frames(voice, ids, lm)
+        frames = prompt_frames(voice, ids, lm.config)
         grid = lm.delay(frames[None])
         state = lm.init_state(1)
         with torch.no_grad():

@@ -23,7 +23,7 @@ from personaplex.config import get_preset
 from personaplex.lm import LMModel
 from personaplex.train.loop import TrainConfig, build_optimizer, train_step
 from personaplex.train.lora import apply_lora
-from personaplex.train.parallel import Dist
+from personaplex.train.parallel import Dist, checkpoint_activations
 from personaplex.train.sample import Batch
 
 
@@ -46,12 +46,13 @@ def bench(args, mode: str) -> dict:
     lm = lm.to_empty(device=device)
     lm.init_weights()
     lm.train()
-    lm.transformer.checkpointing = args.gradient_checkpointing
     cfg = TrainConfig(data="-", run_dir="-", mode=mode, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     if mode == "lora":
         apply_lora(lm, cfg.lora_config())
     else:
         lm.requires_grad_(True)
+    if args.gradient_checkpointing:
+        checkpoint_activations(lm)
     optimizer = build_optimizer(lm, cfg)
     batch = random_batch(config, args.batch, args.seq_frames, min(60, args.seq_frames // 2), device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

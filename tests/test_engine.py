@@ -38,7 +38,7 @@ def test_prompt_layout_matches_the_table(checkpoint, personas):
     lm = checkpoint.lm
     _, voice = personas.voice("DEMO_LOW")
     ids = checkpoint.tokenizer.system_prompt_ids(PROMPT)
-    frames = prompt_frames(voice, ids, lm)
+    frames = prompt_frames(voice, ids, lm.config)
     F, T = voice.num_frames, len(ids)
     assert frames.shape == (17, (F - 1) + 6 + T + 6)
     sil, sine = torch.tensor(SILENCE_TOKENS), torch.tensor(SINE_TOKENS)
@@ -52,7 +52,7 @@ def test_prompt_layout_matches_the_table(checkpoint, personas):
         assert (block[0] == TEXT_PAD).all() and (block[1:9] == sil[:, None]).all()
     tok = checkpoint.tokenizer
     assert tok.decode(ids).startswith("<system>") and tok.decode(ids).endswith("<system>")
-    assert prompt_frames(voice, [], lm).shape[1] == (F - 1) + 12  # empty prompt: the text phase is skipped
+    assert prompt_frames(voice, [], lm.config).shape[1] == (F - 1) + 12  # empty prompt: the text phase is skipped
 
 
 def test_prefill_equals_stepping_the_prompt(checkpoint, personas):
@@ -61,7 +61,7 @@ def test_prefill_equals_stepping_the_prompt(checkpoint, personas):
     _, voice = personas.voice("DEMO_HIGH")
     ids = checkpoint.tokenizer.system_prompt_ids(PROMPT)
     persona = build_persona(lm, voice, ids)
-    frames = prompt_frames(voice, ids, lm)
+    frames = prompt_frames(voice, ids, lm.config)
     grid = lm.delay(frames[None])[0]
     state = lm.init_state(1)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_greedy_conversation_equals_teacher_forced_recomputation(checkpoint, per
     user = _user_frames(12)
     out = _run(engine, persona, user, SamplingParams(greedy=True))
     _, voice = personas.voice("DEMO_LOW")
-    prompt = prompt_frames(voice, checkpoint.tokenizer.system_prompt_ids(PROMPT), lm)
+    prompt = prompt_frames(voice, checkpoint.tokenizer.system_prompt_ids(PROMPT), lm.config)
     user_codes = mimi.encode(user.reshape(1, 1, -1))[0, :8]  # (8, 12): batch == streaming codes
     talk = torch.cat([torch.tensor([[r.text_token] for r in out]).T, torch.stack([r.audio_codes for r in out], 1),
                       user_codes], dim=0)

@@ -46,7 +46,7 @@ def build_persona(lm: LMModel, voice: VoicePrompt | None, text_ids: list[int], t
     if bare:
         frames = torch.zeros(lm.config.num_streams, 0, dtype=torch.long, device=lm.device)
     else:
-        frames = prompt_frames(voice, text_ids, lm).to(lm.device)  # (17, N)
+        frames = prompt_frames(voice, text_ids, lm.config).to(lm.device)  # (17, N)
     n = frames.shape[1]
     limit = lm.config.context // 2
     if n > limit:

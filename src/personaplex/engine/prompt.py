@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import FRAME_SIZE, SAMPLE_RATE, TEXT_PAD
+from ..config import FRAME_SIZE, SAMPLE_RATE, TEXT_PAD, LMConfig
 from ..errors import PersonaplexError
 from ..lm import LMModel
 from ..lm.layers import ZERO_TOKEN
@@ -104,7 +104,7 @@ def save_voice_file(path: str | Path, voice: VoicePrompt, lm: LMModel) -> Path:
     else:
         embeddings = voice_embeddings(lm, voice)
     frames = voice.num_frames
-    grid = lm.delay(prompt_frames(voice, [], lm)[None, :, :frames])[0]  # (17, F+1)
+    grid = lm.delay(prompt_frames(voice, [], lm.config)[None, :, :frames])[0]  # (17, F+1)
     ring = torch.full((1, lm.config.num_streams, RING), -2, dtype=torch.long)
     for col in range(max(0, frames - RING), frames):
         ring[0, :, col % RING] = grid[:, col]
@@ -119,15 +119,15 @@ def save_voice_file(path: str | Path, voice: VoicePrompt, lm: LMModel) -> Path:
 
 def voice_embeddings(lm: LMModel, voice: VoicePrompt) -> torch.Tensor:
     """Summed input embeddings of the voice steps (grid columns 0..F-2): (F-1, dim)."""
-    grid = lm.delay(prompt_frames(voice, [], lm)[None, :, : voice.num_frames].to(lm.device))
+    grid = lm.delay(prompt_frames(voice, [], lm.config)[None, :, : voice.num_frames].to(lm.device))
     with torch.no_grad():
         return lm.embed(grid[:, :, : voice.num_frames - 1])[0]
 
 
-def prompt_frames(voice: VoicePrompt | None, text_ids: list[int], lm: LMModel) -> torch.Tensor:
+def prompt_frames(voice: VoicePrompt | None, text_ids: list[int], config: LMConfig) -> torch.Tensor:
     """Un-delayed prompt tokens (17, N): voice frames 1..F-1, silence, text, silence (frame 0 of the voice is
-    dropped like the released generator does)."""
-    streams = lm.config.num_streams
+    dropped like the released generator does). Only the model's configuration is read."""
+    streams = config.num_streams
     sil = torch.tensor(SILENCE_TOKENS).view(8, 1)
     sine = torch.tensor(SINE_TOKENS).view(8, 1)
 

@@ -41,14 +41,14 @@ class LMState:
 
 
 class LMModel(nn.Module):
-    def __init__(self, config: LMConfig, device=None, dtype=None, gradient_checkpointing: bool = False):
+    def __init__(self, config: LMConfig, device=None, dtype=None):
         super().__init__()
         c = self.config = config
         kw = {"device": device, "dtype": dtype}
         self.emb = nn.ModuleList(Embedding(c.card + 1, c.dim, **kw) for _ in range(c.n_q))
         self.text_emb = Embedding(c.text_card + 1, c.dim, **kw)
         self.transformer = Transformer(c.dim, c.num_heads, c.num_layers, c.hidden_dim, c.context, c.max_period,
-                                       c.norm_eps, checkpointing=gradient_checkpointing, **kw)
+                                       c.norm_eps, **kw)
         self.out_norm = RMSNorm(c.dim, c.norm_eps, **kw)
         self.text_linear = nn.Linear(c.dim, c.text_card, bias=False, **kw)
         self.depformer_in = nn.ModuleList(nn.Linear(c.dim, c.depformer_dim, bias=False, **kw) for _ in range(c.dep_q))

@@ -225,13 +225,12 @@ class Transformer(nn.Module):
     conversation from `cache.pos` and the cache advances by T; without one, positions start at 0."""
 
     def __init__(self, dim: int, num_heads: int, num_layers: int, hidden: int, context: int,
-                 max_period: float, eps: float, device=None, dtype=None, checkpointing: bool = False):
+                 max_period: float, eps: float, device=None, dtype=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.context = context
         self.max_period = max_period
-        self.checkpointing = checkpointing
         self.layers = nn.ModuleList(
             Block(dim, num_heads, hidden, context, max_period, eps, device=device, dtype=dtype)
             for _ in range(num_layers)
@@ -244,10 +243,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         plan = self.plan(x.shape[0], x.shape[1], x.device, cache)
         for i, layer in enumerate(self.layers):
-            if self.checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, plan, None, i, use_reentrant=False)
-            else:
-                x = layer(x, plan, cache, i)
+            x = layer(x, plan, cache, i)
         if cache is not None:
             cache.slot_pos.copy_(_slot_positions_after(cache, plan.positions))
             cache.advance(x.shape[1])

@@ -30,8 +30,9 @@ import torch
 
 from .data import DatasetError, PreparedDataset
 from .loss import STATS, LossConfig, denominators, loss_parts, metrics, step_loss, target_weights
-from .parallel import (Dist, all_reduce_sum, barrier, checkpoint_dir, close_distributed, init_distributed, latest_checkpoint,
-                       load_run_state, parallelize, prune_checkpoints, save_run_state)
+from .parallel import (Dist, all_reduce_sum, barrier, checkpoint_activations, checkpoint_dir, close_distributed,
+                       init_distributed, latest_checkpoint, load_run_state, parallelize, prune_checkpoints,
+                       save_run_state)
 from .sample import ItemOrder, chunk_items, build_sample, collate
 
 log = logging.getLogger("personaplex.train")
@@ -154,7 +155,6 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, need: tuple[
     frozen_bf16 = bf16 and cfg.mode == "lora"
     lm = load_lm(files.lm, config=config, device=device, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     lm.train()
-    lm.transformer.checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(cfg.seed)
     if cfg.mode == "lora":
         apply_lora(lm, cfg.lora_config())
@@ -348,6 +348,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> list[dict[str, An
     if rest or micro == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
                          f"({d.world} x {cfg.grad_accum})")
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(lm)
     if d.sharded:
         parallelize(lm, d, bf16)
     optimizer = build_optimizer(lm, cfg)

@@ -5,7 +5,8 @@ checkpoint of a training run.
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
              -m personaplex.cli train ...                                          # two nodes
 
-`parallelize` shards each temporal transformer block, the depformer and then the root (embeddings, heads)
+`checkpoint_activations` wraps each temporal block in `torch.utils.checkpoint` (recomputed in the
+backward pass), `parallelize` shards each temporal transformer block, the depformer and then the root (embeddings, heads)
 with `torch.distributed.fsdp.fully_shard` (FSDP2); with bf16 the parameters stay fp32 (sharded master
 weights) and are gathered in bf16, gradients are reduced in fp32. NCCL on GPUs, gloo on CPUs.
 
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 CHECKPOINTS = "checkpoints"
+_WRAPPED = "_checkpoint_wrapped_module."  # the prefix torch's checkpoint_wrapper adds to module names
 TRAINER_STATE = "trainer.json"
 
 
@@ -83,6 +85,25 @@ def parallelize(model: nn.Module, d: Dist, bf16: bool, reshard_after_forward: bo
     fully_shard(model.depformer, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def checkpoint_activations(model: nn.Module) -> nn.Module:
+    """Recompute each temporal block in the backward pass instead of keeping its activations (applied from
+    outside, like FSDP: the model has no flag for it). State-dict names are unchanged; `named_parameters`
+    gains the wrapper's prefix, which `parameter_name` removes."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+
+    blocks = {id(block) for block in model.transformer.layers}
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: id(m) in blocks)
+    return model
+
+
+def parameter_name(name: str) -> str:
+    """A parameter's name as the state dict spells it (without the activation-checkpointing wrapper)."""
+    return name.replace(_WRAPPED, "")
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -165,7 +186,7 @@ def load_model_state(path: Path, model: nn.Module, optimizer=None) -> None:
     result = set_model_state_dict(model, state["model"], options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {parameter_name(n) for n, p in model.named_parameters() if p.requires_grad}
     missing = (set(result.missing_keys) & trainable) | (trainable - expected)
     if missing or result.unexpected_keys:
         raise RuntimeError(f"{path}: checkpoint does not fit the model (missing {sorted(missing)[:3]}, "

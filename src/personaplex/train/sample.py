@@ -24,13 +24,6 @@ from ..lm.layers import ZERO_TOKEN
 from .data import DatasetError, PreparedDataset
 
 
-@dataclass(frozen=True)
-class _Shapes:
-    """Stands in for the model where only its configuration is read (`prompt_frames`)."""
-
-    config: LMConfig
-
-
 def prompt_length(voice: VoicePrompt | None, prompt_ids: Sequence[int]) -> int:
     """Frames of the hybrid prompt (`prompt_frames` drops the voice's first frame)."""
     voice_frames = voice.num_frames - 1 if voice is not None and voice.num_frames > 1 else 0
@@ -69,7 +62,7 @@ class TrainingSample:
 def build_sample(dataset: PreparedDataset, item: Item, config: LMConfig) -> TrainingSample:
     rec = dataset.records[item.conversation]
     voice = dataset.voice(rec.voice)
-    prompt = prompt_frames(voice, rec.prompt_ids, _Shapes(config))  # (17, P), the engine's own layout
+    prompt = prompt_frames(voice, rec.prompt_ids, config)  # (17, P), the engine's own layout
     talk = dataset.tokens(item.conversation)[:, item.start:item.start + item.frames]  # (17, L)
     prefix = voice.embeddings if voice is not None and voice.embeddings is not None else None
     return TrainingSample(torch.cat([prompt, talk], dim=1), prompt.shape[1], prefix)
