@@ -21,8 +21,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        inv = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x32 * (self.alpha.float().view(-1) * inv)).to(x.dtype)
+        inv = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True).add_(self.eps))
+        # alpha (bf16 or fp32) times an fp32 tensor promotes exactly to fp32: no separate cast of alpha.
+        return (x32 * (self.alpha.view(-1) * inv)).to(x.dtype)
 
 
 class Embedding(nn.Embedding):
@@ -33,22 +34,21 @@ class Embedding(nn.Embedding):
         return y * (tokens != ZERO_TOKEN).unsqueeze(-1).to(y.dtype)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for interleaved RoPE. positions: (B, T) int -> two (B, 1, T, head_dim/2) fp32 tensors."""
+def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> torch.Tensor:
+    """RoPE as unit complex numbers: positions (B, T) int -> (B, 1, T, head_dim/2) complex64, one per
+    interleaved pair (x[2i], x[2i+1]) with angle position * max_period^(-2i/head_dim)."""
     half = head_dim // 2
     idx = torch.arange(half, device=positions.device, dtype=torch.float32)
     freqs = torch.exp(idx * (-math.log(max_period) * 2 / head_dim))
     angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # (B, T, half)
-    return torch.cos(angles).unsqueeze(1), torch.sin(angles).unsqueeze(1)
+    return torch.polar(torch.ones_like(angles), angles).unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x: (B, H, T, D), in fp32, back to x's dtype."""
-    B, H, T, D = x.shape
-    pairs = x.float().view(B, H, T, D // 2, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
-    return out.view(B, H, T, D).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs of x (..., D) by `rotation` (broadcastable to (..., D/2) complex64), in
+    fp32, back to x's dtype: one cast, one complex product, one cast."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def silu_gate(h: torch.Tensor) -> torch.Tensor:

@@ -1,35 +1,45 @@
 """The temporal transformer: causal self-attention over frames with RoPE, a sliding window of `context`
 frames and a preallocated ring KV cache kept outside the module (`KVCache`).
 
+Two paths: `forward(x, cache)` runs a chunk of T frames (training, prompt prefill), and `step(x, cache)` runs
+exactly one frame per conversation with fixed shapes, in place and without reading anything back to the host,
+so that a whole engine tick can be captured once as a CUDA graph and replayed.
+
 Pinned prompt. A conversation may pin its first `pinned` positions (the persona prompt): they are never
-overwritten, the rest of the ring (capacity - pinned slots) holds the latest frames, and once the window
-has slid past the prompt the prompt is attended to as if it sat right before the oldest frame kept. RoPE
-only sees relative distances, so that is done by rotating the query for the prompt keys at position
-min(q, context - 1) instead of q: the model then sees exactly what a fresh run of [prompt, last
-context - pinned frames] would give, and never a distance it was not trained on. Before the window slides,
-pinned and plain rings compute the same thing.
+overwritten, the rest of the ring (capacity - pinned slots) holds the latest frames, and once the window has
+slid past the prompt the prompt is attended to as if it sat right before the oldest frame kept: the model then
+sees exactly what a fresh run of [prompt, last context - pinned frames] would give, and never a distance it was
+not trained on. RoPE only sees relative distances, so that means scoring the prompt keys as if the query stood
+at min(q, context - 1). Rather than scoring twice, each row's pinned keys are brought into its query's frame of
+reference: they are rotated forward by shift = max(0, q - (context - 1)) positions, recomputed exactly from the
+prompt's keys as loaded (`KVCache.prompt_keys`) so no rounding accumulates. One attention call then serves
+every row, a row that has not slid has shift 0 (the rotation is the identity, bit for bit), and nothing about
+one conversation's arithmetic depends on whether another one has passed the window.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, apply_rope, rope_angles, silu_gate
+from .layers import RMSNorm, apply_rope, rope_rotation, silu_gate
+
+DEFAULT_PINNED_CAPACITY = 512  # prompt frames a row can pin (41 s: a released voice plus ~350 text tokens)
 
 
 @dataclass
 class KVCache:
-    """Per-conversation attention state of the temporal transformer, batch-first.
+    """Per-conversation attention state of the temporal transformer, batch-first, fixed-shape.
 
     keys/values: (L, B, H, C, Dh) ring buffers of capacity C = context; `slot_pos` (B, C) holds the absolute
     position stored in each slot (-1: empty); `pos` (B,) is the next position of each conversation;
-    `pinned` (B,) the number of leading positions kept for good (0: a plain sliding window). `pos_cpu` and
-    `pinned_cpu` mirror them on the host so that per-step decisions never wait for the GPU.
+    `pinned` (B,) the number of leading positions kept for good (0: a plain sliding window); `prompt_keys`
+    (L, B, H, P, Dh) the pinned keys as loaded (P: the most a row can pin). `pos_cpu` and `pinned_cpu` mirror
+    `pos` and `pinned` on the host, so per-step decisions (has any row slid?) never wait for the GPU.
+    Every operation below writes into these tensors: their storage never changes.
     """
 
     keys: torch.Tensor
@@ -37,12 +47,15 @@ class KVCache:
     slot_pos: torch.Tensor
     pos: torch.Tensor
     pinned: torch.Tensor
+    prompt_keys: torch.Tensor
     pos_cpu: torch.Tensor
     pinned_cpu: torch.Tensor
 
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int,
-              device=None, dtype=None) -> "KVCache":
+              device=None, dtype=None, pinned_capacity: int | None = None) -> "KVCache":
+        if pinned_capacity is None:
+            pinned_capacity = min(capacity // 2, DEFAULT_PINNED_CAPACITY)
         shape = (num_layers, batch_size, num_heads, capacity, head_dim)
         return cls(
             keys=torch.zeros(shape, device=device, dtype=dtype),
@@ -50,8 +63,9 @@ class KVCache:
             slot_pos=torch.full((batch_size, capacity), -1, device=device, dtype=torch.long),
             pos=torch.zeros(batch_size, device=device, dtype=torch.long),
             pinned=torch.zeros(batch_size, device=device, dtype=torch.long),
-            pos_cpu=torch.zeros(batch_size, dtype=torch.long),
-            pinned_cpu=torch.zeros(batch_size, dtype=torch.long),
+            prompt_keys=torch.zeros(shape[:3] + (pinned_capacity, head_dim), device=device, dtype=dtype),
+            pos_cpu=torch.zeros(batch_size, dtype=torch.long, device="cpu"),
+            pinned_cpu=torch.zeros(batch_size, dtype=torch.long, device="cpu"),
         )
 
     @property
@@ -62,18 +76,28 @@ class KVCache:
     def capacity(self) -> int:
         return self.slot_pos.shape[1]
 
+    @property
+    def pinned_capacity(self) -> int:
+        return self.prompt_keys.shape[3]
+
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Forget the history of the conversations where `mask` (B,) is true (all when None)."""
         if mask is None:
-            mask = torch.ones_like(self.pos, dtype=torch.bool)
-        self.slot_pos.masked_fill_(mask.view(-1, 1), -1)
+            mask = torch.ones_like(self.pos_cpu, dtype=torch.bool)
+        self.slot_pos.masked_fill_(mask.to(self.slot_pos.device).view(-1, 1), -1)
         for t in (self.pos, self.pinned, self.pos_cpu, self.pinned_cpu):
             t.masked_fill_(mask.to(t.device), 0)
 
+    def reset_row(self, row: int) -> None:
+        self.slot_pos[row] = -1
+        for t in (self.pos, self.pinned, self.pos_cpu, self.pinned_cpu):
+            t[row] = 0
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of conversations start..stop-1 (writes go to this cache)."""
-        return KVCache(self.keys[:, start:stop], self.values[:, start:stop],
-                       *(t[start:stop] for t in self._tensors()[2:]))
+        return KVCache(self.keys[:, start:stop], self.values[:, start:stop], self.slot_pos[start:stop],
+                       self.pos[start:stop], self.pinned[start:stop], self.prompt_keys[:, start:stop],
+                       self.pos_cpu[start:stop], self.pinned_cpu[start:stop])
 
     def snapshot(self) -> "KVCache":
         return KVCache(*(t.clone() for t in self._tensors()))
@@ -82,20 +106,28 @@ class KVCache:
         for mine, theirs in zip(self._tensors(), other._tensors()):
             mine.copy_(theirs)
 
-    def copy_row_(self, dst: int, src: "KVCache", src_row: int = 0) -> None:
-        """Overwrite conversation `dst` with conversation `src_row` of `src` (same capacity)."""
-        self.keys[:, dst] = src.keys[:, src_row]
-        self.values[:, dst] = src.values[:, src_row]
-        for mine, theirs in zip(self._tensors()[2:], src._tensors()[2:]):
-            mine[dst] = theirs[src_row]
+    def copy_row(self, dst: int, src: "KVCache", src_row: int) -> None:
+        """Overwrite conversation `dst` with conversation `src_row` of `src` (same capacities)."""
+        for layered, (mine, theirs) in zip(self._layered(), zip(self._tensors(), src._tensors())):
+            if layered:
+                mine[:, dst] = theirs[:, src_row]
+            else:
+                mine[dst] = theirs[src_row]
+
+    copy_row_ = copy_row  # the older name
 
     def load_prefix_(self, row: int, keys: torch.Tensor, values: torch.Tensor, pin: bool) -> None:
         """Make conversation `row` hold positions 0..N-1 from (L, H, N, Dh) keys/values (a cached prompt)."""
         n = keys.shape[2]
         if n > self.capacity // 2:
             raise ValueError(f"a prompt of {n} frames does not fit a context of {self.capacity} (max {self.capacity // 2})")
+        if pin and n > self.pinned_capacity:
+            raise ValueError(f"a prompt of {n} frames cannot be pinned: this cache pins at most "
+                             f"{self.pinned_capacity} frames")
         self.keys[:, row, :, :n] = keys
         self.values[:, row, :, :n] = values
+        if pin:
+            self.prompt_keys[:, row, :, :n] = keys
         self.slot_pos[row] = -1
         self.slot_pos[row, :n] = torch.arange(n, device=self.slot_pos.device)
         self.pos[row] = self.pos_cpu[row] = n
@@ -105,8 +137,17 @@ class KVCache:
         self.pos.add_(steps)
         self.pos_cpu.add_(steps)
 
+    def any_slid(self, context: int) -> bool:
+        """Whether a pinned row's next step has its query past the window (host mirrors only)."""
+        return bool(((self.pinned_cpu > 0) & (self.pos_cpu >= context)).any())
+
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.keys, self.values, self.slot_pos, self.pos, self.pinned, self.pos_cpu, self.pinned_cpu)
+        return (self.keys, self.values, self.slot_pos, self.pos, self.pinned, self.prompt_keys, self.pos_cpu,
+                self.pinned_cpu)
+
+    @staticmethod
+    def _layered() -> tuple[bool, ...]:
+        return (True, True, False, False, False, True, False, False)
 
 
 def _slots(positions: torch.Tensor, pinned: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -143,13 +184,22 @@ def _slot_positions_after(cache: KVCache, positions: torch.Tensor) -> torch.Tens
 
 @dataclass
 class AttentionPlan:
-    """What every layer's attention needs for one call, computed once: rotations and masks."""
+    """What every layer's attention needs for one chunk, computed once: rotations and masks."""
 
     positions: torch.Tensor  # (B, T)
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: torch.Tensor  # (B, 1, T, Dh/2) complex
     mask: torch.Tensor | None  # (B, 1, T, S) bool; None: plain causal
-    prompt_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # query rotation for pinned keys
-    prompt_keys: torch.Tensor | None = None  # (B, 1, 1, S) bool: which keys are pinned
+
+
+@dataclass
+class StepPlan:
+    """What every layer needs for one single-frame step, computed once per step on the device."""
+
+    rope: torch.Tensor  # (B, 1, 1, 1, Dh/2) complex: rotation of this step's query and key
+    write_index: torch.Tensor  # (B, H, 1, Dh) int64: the ring slot each row writes (expanded view)
+    mask: torch.Tensor  # (B, 1, 1, C) additive float mask in the activation dtype
+    prompt_rope: torch.Tensor | None  # (B, 1, 1, Dh/2) complex: rotation bringing pinned keys to the query
+    prompt_slots: torch.Tensor | None  # (B, 1, P, 1) bool: slots < P holding a pinned key
 
 
 class Attention(nn.Module):
@@ -164,36 +214,34 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q_raw, k, v = self.in_proj(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = plan.rope
-        q, k = apply_rope(q_raw, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, Dh)
+        qkv = self.in_proj(x).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :2], plan.rope.transpose(1, 2)[:, :, None]).permute(2, 0, 3, 1, 4)
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.mask is None)
         else:
-            keys, values = cache.keys[layer], cache.values[layer]  # (B, H, C, Dh)
-            if T == 1:
-                # Write first: the slot overwritten holds exactly the position that left the window.
-                _write_ring(keys, values, k, v, plan.positions, cache)
-            else:
-                # A chunk may overwrite slots its own first queries still need: attend to old + new first.
-                keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
-            if plan.prompt_rope is None:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask)
-            else:
-                q_prompt = apply_rope(q_raw, *plan.prompt_rope)
-                out = _attend_two_rotations(q, q_prompt, keys, values, plan.mask, plan.prompt_keys)
-            if T > 1:
-                _write_ring(cache.keys[layer], cache.values[layer], k, v, plan.positions, cache)
+            # A chunk may overwrite slots its own first queries still need: attend to old + new first.
+            keys = torch.cat([cache.keys[layer], k], dim=2)
+            values = torch.cat([cache.values[layer], v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask)
+            _write_ring(cache.keys[layer], cache.values[layer], k, v, plan.positions, cache)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-
-def _attend_two_rotations(q, q_prompt, keys, values, mask, prompt_keys):
-    """Attention where pinned keys are scored with a differently rotated query (see module docstring)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    keys_t = keys.float().transpose(-1, -2)  # scores in fp32, as the fused kernels accumulate them
-    scores = torch.where(prompt_keys, torch.matmul(q_prompt.float(), keys_t), torch.matmul(q.float(), keys_t))
-    scores = (scores * scale).masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+    def step(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
+        """One frame per row: x (B, D) -> (B, D). Writes this frame's key/value into the ring first (the slot
+        overwritten holds exactly the position that left the window)."""
+        B, D = x.shape
+        qkv = F.linear(x, self.in_proj.weight).view(B, 3, self.num_heads, 1, self.head_dim)
+        qk = apply_rope(qkv[:, :2], plan.rope)  # (B, 2, H, 1, Dh): q and k in one rotation
+        keys, values = cache.keys[layer], cache.values[layer]  # (B, H, C, Dh)
+        keys.scatter_(2, plan.write_index, qk[:, 1])
+        values.scatter_(2, plan.write_index, qkv[:, 2])
+        if plan.prompt_rope is not None:
+            pinned = keys[:, :, : cache.pinned_capacity]
+            rotated = apply_rope(cache.prompt_keys[layer], plan.prompt_rope)
+            pinned.copy_(torch.where(plan.prompt_slots, rotated, pinned))
+        out = F.scaled_dot_product_attention(qk[:, 0], keys, values, attn_mask=plan.mask)  # (B, H, 1, Dh)
+        return F.linear(out.view(B, D), self.out_proj.weight)
 
 
 class GatedFFN(nn.Module):
@@ -219,6 +267,10 @@ class Block(nn.Module):
         x = x + self.self_attn(self.norm1(x), plan, cache, layer)
         return x + self.gating(self.norm2(x))
 
+    def step(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:  # (B, D)
+        x = x + self.self_attn.step(self.norm1(x), plan, cache, layer)
+        return x + self.gating(self.norm2(x))
+
 
 class Transformer(nn.Module):
     """Stack of pre-norm blocks. `forward(x, cache)`: x (B, T, D); with a cache, frames continue each
@@ -236,11 +288,13 @@ class Transformer(nn.Module):
             for _ in range(num_layers)
         )
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, pinned_capacity: int | None = None) -> KVCache:
         return KVCache.empty(len(self.layers), batch_size, self.num_heads, self.context, self.head_dim,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, pinned_capacity=pinned_capacity)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None and x.shape[1] == 1:
+            return self.step(x[:, 0], cache)[:, None]
         plan = self.plan(x.shape[0], x.shape[1], x.device, cache)
         for i, layer in enumerate(self.layers):
             x = layer(x, plan, cache, i)
@@ -249,29 +303,61 @@ class Transformer(nn.Module):
             cache.advance(x.shape[1])
         return x
 
+    def step(self, x: torch.Tensor, cache: KVCache, active: torch.Tensor | None = None,
+             slid: bool | None = None) -> torch.Tensor:
+        """One frame for every row: x (B, D) -> (B, D), fixed shapes, in place, no host synchronisation.
+
+        active: optional (B,) bool on the device: rows where it is false (batch padding) keep their position,
+        and then the host mirror `cache.pos_cpu` is the caller's to advance (a CUDA graph replays device work
+        only). slid: run the pinned-prompt rotation (default: whether any row needs it, from the host
+        mirrors); running it where no row needs it changes nothing."""
+        plan = self.step_plan(cache, x.dtype, cache.any_slid(self.context) if slid is None else slid)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, plan, cache, i)
+        if active is None:
+            cache.advance(1)
+        else:
+            cache.pos.add_(active)
+        return x
+
+    def step_plan(self, cache: KVCache, dtype: torch.dtype, slid: bool) -> StepPlan:
+        """Rotations, ring slot and mask of this step, shared by every layer; updates `cache.slot_pos`."""
+        pos, pinned, C = cache.pos, cache.pinned, cache.capacity
+        positions = pos[:, None]  # (B, 1)
+        rope = rope_rotation(positions, self.head_dim, self.max_period)  # (B, 1, 1, Dh/2)
+        slot = _slots(positions, pinned, C)  # (B, 1)
+        cache.slot_pos.scatter_(1, slot, positions)
+        key_pos = cache.slot_pos  # (B, C), after this step's write
+        delta = positions - key_pos
+        pinned_ = pinned[:, None]
+        window = torch.where(pinned_ > 0, self.context - pinned_, self.context)
+        keep = (key_pos >= 0) & (delta >= 0) & ((key_pos < pinned_) | (delta < window))
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+        B = pos.shape[0]
+        write_index = slot.view(B, 1, 1, 1).expand(B, self.num_heads, 1, self.head_dim)
+        prompt_rope = prompt_slots = None
+        if slid:
+            # Past the window, pinned keys are scored as if the query stood at context - 1 (module docstring).
+            shift = (pos - (self.context - 1)).clamp_(min=0)[:, None]
+            prompt_rope = rope_rotation(shift, self.head_dim, self.max_period)  # (B, 1, 1, Dh/2)
+            P = cache.pinned_capacity
+            prompt_slots = (torch.arange(P, device=pos.device) < pinned_).view(B, 1, P, 1)
+        return StepPlan(rope.view(B, 1, 1, 1, -1), write_index, mask[:, None, None], prompt_rope, prompt_slots)
+
     def plan(self, B: int, T: int, device, cache: KVCache | None) -> AttentionPlan:
         steps = torch.arange(T, device=device)
         positions = steps.expand(B, T) if cache is None else cache.pos[:, None] + steps  # (B, T)
-        rope = rope_angles(positions, self.head_dim, self.max_period)
+        rope = rope_rotation(positions, self.head_dim, self.max_period)
         if cache is None:
             if T <= self.context:
                 return AttentionPlan(positions, rope, None)
             delta = positions[:, :, None] - positions[:, None, :]
             return AttentionPlan(positions, rope, ((delta >= 0) & (delta < self.context))[:, None])
-        key_pos = (_slot_positions_after(cache, positions) if T == 1
-                   else torch.cat([cache.slot_pos, positions], dim=1))  # (B, S)
+        if cache.any_slid(self.context - T + 1):
+            raise ValueError("pinned prompts support one frame per step once the window has slid")
+        key_pos = torch.cat([cache.slot_pos, positions], dim=1)  # (B, S): the ring, then the chunk
         pinned = cache.pinned.view(-1, 1, 1)
         delta = positions[:, :, None] - key_pos[:, None, :]  # (B, T, S)
-        is_prompt = key_pos[:, None, :] < pinned
         window = torch.where(pinned > 0, self.context - pinned, self.context)
-        mask = ((key_pos[:, None, :] >= 0) & (delta >= 0) & (is_prompt | (delta < window)))[:, None]
-        plan = AttentionPlan(positions, rope, mask)
-        # Past the window, pinned prompt keys are scored by a query rotated at context - 1 (module docstring).
-        slid = (cache.pinned_cpu > 0) & (cache.pos_cpu + T - 1 >= self.context)  # host mirrors: no GPU sync
-        if bool(slid.any()):
-            if T != 1:
-                raise ValueError("pinned prompts support one frame per step once the window has slid")
-            prompt_pos = torch.where(cache.pinned.view(-1, 1) > 0, positions.clamp(max=self.context - 1), positions)
-            plan.prompt_rope = rope_angles(prompt_pos, self.head_dim, self.max_period)
-            plan.prompt_keys = is_prompt[:, None]
-        return plan
+        mask = ((key_pos[:, None, :] >= 0) & (delta >= 0) & ((key_pos[:, None, :] < pinned) | (delta < window)))
+        return AttentionPlan(positions, rope, mask[:, None])
