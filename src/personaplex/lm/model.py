@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
@@ -81,6 +82,14 @@ class LMModel(nn.Module):
             x = x + emb(tokens[:, k + 1])
         return x
 
+    def embed_column(self, column: torch.Tensor) -> torch.Tensor:
+        """Summed input embeddings of one grid column (B, K) -> (B, dim), for generation: every token must be a
+        real or initial id (>= 0; `ZERO_TOKEN` is for training), which spares the zero-token masks."""
+        x = F.embedding(column[:, 0], self.text_emb.weight)
+        for k, emb in enumerate(self.emb):  # added one by one, in the reference's order
+            x = x + F.embedding(column[:, k + 1], emb.weight)
+        return x
+
     def temporal(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Temporal transformer and final norm: (B, T, dim) -> (B, T, dim)."""
         return self.out_norm(self.transformer(x, cache))
@@ -93,9 +102,11 @@ class LMModel(nn.Module):
 
     def depformer_step(self, hidden: torch.Tensor, k: int, prev_token: torch.Tensor,
                        cache: DepformerCache) -> torch.Tensor:
-        """Logits of codebook k for one frame: hidden (B, dim), prev_token (B,) -> (B, card)."""
-        x = self.depformer.step(self.depformer_input(hidden, k, prev_token), k, cache)
-        return self.linears[k](x)
+        """Logits of codebook k for one frame: hidden (B, dim), prev_token (B,) -> (B, card). Generation only:
+        prev_token is a real id (>= 0), so its embedding is a plain lookup."""
+        table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
+        x = self.depformer_in[k](hidden) + F.embedding(prev_token, table.weight)
+        return self.linears[k](self.depformer.step(x, k, cache))
 
     def depformer_all(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Teacher-forced depformer over all frames: hidden (B, T, dim), targets (B, 1+dep_q, T) are the
@@ -149,8 +160,11 @@ class LMModel(nn.Module):
         return LMOutput(text_logits, audio_logits, text_mask, audio_mask)
 
     # -- generation state -----------------------------------------------------------------------------------
-    def init_state(self, batch_size: int) -> LMState:
-        return LMState(self.transformer.init_cache(batch_size, device=self.device, dtype=self.dtype),
+    def init_state(self, batch_size: int, pinned_capacity: int | None = None) -> LMState:
+        """Generation state for `batch_size` conversations; `pinned_capacity`: prompt frames a row can pin
+        (default min(context / 2, 512); 0 when prompts are never pinned)."""
+        return LMState(self.transformer.init_cache(batch_size, device=self.device, dtype=self.dtype,
+                                                   pinned_capacity=pinned_capacity),
                        self.depformer.init_cache(batch_size, device=self.device, dtype=self.dtype))
 
     def num_parameters(self) -> int:
