@@ -227,18 +227,15 @@ def parse_labeled_score(reply: str, label: str, low: float = 0, high: float = 5)
 
 def parse_json_object(reply: str) -> dict | None:
     """The first {...} JSON object in a reply (models often wrap it in prose or a code fence); None if none."""
+    decoder = json.JSONDecoder()
     start = reply.find("{")
     while start != -1:
-        depth = 0
-        for i in range(start, len(reply)):
-            depth += {"{": 1, "}": -1}.get(reply[i], 0)
-            if depth == 0:
-                try:
-                    value = json.loads(reply[start:i + 1])
-                except ValueError:
-                    break
-                return value if isinstance(value, dict) else None
-        start = reply.find("{", start + 1)
+        try:
+            value, _ = decoder.raw_decode(reply, start)
+        except ValueError:
+            start = reply.find("{", start + 1)
+            continue
+        return value if isinstance(value, dict) else None
     return None
 
 
