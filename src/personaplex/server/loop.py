@@ -27,11 +27,17 @@ import numpy as np
 import torch
 
 from ..config import FRAME_SIZE, SAMPLE_RATE
-from ..engine import BatchEngine, Conversation, Personas, SamplingParams
+from ..engine import BatchEngine, Conversation, EngineFullError, Personas, SamplingParams
+from ..errors import PersonaplexError
 
 log = logging.getLogger("personaplex.server")
 
 TICK_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 0.08
+
+
+class ConversationStartError(PersonaplexError):
+    """The model thread could not start a conversation for a reason that is not the caller's (e.g. out of
+    memory); the caller is told, the others are not affected."""
 
 
 class InputBuffer:
@@ -101,10 +107,14 @@ class Slot:
     deliver: Callable[[np.ndarray, int], None]  # (pcm (1920,), text token), called on the event loop
     input: InputBuffer
     id: int = field(default_factory=itertools.count().__next__)
+    name: str = ""  # the call's id in log lines (the session's "#n"); "slot <id>" when not given
     stats: SlotStats = field(default_factory=SlotStats)
     closed: bool = False  # set by the event loop when the caller is gone
     failed: Callable[[str], None] | None = None  # called on the event loop if the model drops this slot
     conversation: Conversation | None = None  # model thread only
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"slot {self.id}"
 
 
 @dataclass
@@ -313,23 +323,43 @@ class ModelLoop:
             self._deadline = finished
 
     def _drain_commands(self) -> None:
-        """Handle what arrived since the last tick. A persona that is not cached yet runs its prompt (a prefill
-        that delays everyone's next frame), so at most one is built per tick; later ones wait a tick each."""
-        pending = list(self._deferred)
-        self._deferred.clear()
+        """Handle what arrived since the last tick, one command at a time: a command that fails fails its own
+        caller only, and the commands after it still run (they stay queued until handled). A persona that is
+        not cached yet runs its prompt (a prefill that delays everyone's next frame), so at most one is built
+        per tick; later ones wait a tick each."""
+        pending = self._deferred
         while True:
             try:
                 pending.append(self._commands.get_nowait())
             except queue.Empty:
                 break
-        for command in pending:
-            kind, slot, _ = command
-            if kind == "join" and not slot.closed and not self._persona_cached(slot):
-                if self._built_since_tick:
-                    self._deferred.append(command)
-                    continue
-                self._built_since_tick = True
+        later: deque = deque()
+        try:
+            while pending:
+                command = pending.popleft()
+                kind, slot, _ = command
+                if kind == "join" and not slot.closed and not self._persona_cached(slot):
+                    if self._built_since_tick:
+                        later.append(command)
+                        continue
+                    self._built_since_tick = True
+                self._handle_one(command)
+        finally:
+            pending.extendleft(reversed(later))  # ahead of anything not reached, in arrival order
+
+    def _handle_one(self, command) -> None:
+        kind, slot, future = command
+        try:
             self._handle(command)
+        except Exception as error:
+            log.exception("conversation %s: %s failed", slot.name, kind)
+            if kind == "join" and future is not None and not future.done():
+                future.set_exception(ConversationStartError(
+                    f"the server could not start this conversation ({type(error).__name__}: {error}); "
+                    "try again later"))
+            elif slot is not None and not slot.closed:
+                self._fail(slot, f"the server failed on this conversation ({type(error).__name__}); "
+                                 "please reconnect")
 
     def _persona_cached(self, slot: Slot) -> bool:
         try:
@@ -350,11 +380,20 @@ class ModelLoop:
                 persona = self._build_persona(slot.voice, slot.text_prompt)
                 if slot.closed:  # the caller left while its persona was being built
                     raise ConnectionResetError("the caller left while its persona was being built")
+                if self.engine is None:  # a failed rebuild earlier (e.g. out of memory): try again
+                    self.engine = self.engine_factory()
                 slot.conversation = self.engine.join(persona, slot.params)
                 self._slots[slot.conversation.id] = slot
-            except Exception as error:  # reported to that caller only
+            except (PersonaplexError, EngineFullError, ValueError, ConnectionResetError) as error:  # the caller's: told as it is
                 future.set_exception(error)
                 return
+            except Exception as error:  # the server's (out of memory, a bug): logged, the caller told plainly
+                log.exception("conversation %s could not join the batch", slot.name)
+                future.set_exception(ConversationStartError(
+                    f"the server could not start this conversation ({type(error).__name__}); try again later"))
+                return
+            log.info("conversation %s joined the batch (engine row of conversation %d)", slot.name,
+                     slot.conversation.id)
             future.set_result(slot.conversation)
 
     def _build_persona(self, voice: str | None, text_prompt: str):
@@ -373,13 +412,13 @@ class ModelLoop:
         try:
             self.engine.leave(conv)
         except Exception:
-            log.exception("leaving conversation %d failed; rebuilding the engine", conv.id)
+            log.exception("conversation %s: leaving the batch failed; rebuilding the engine", slot.name)
             self._reset_engine("the model failed while another conversation ended")
 
     def _tick(self) -> None:
         engine = self.engine
         for conv in [c for c in engine.conversations if c.id not in self._slots]:
-            log.error("conversation %d holds a row without a caller; freeing it", conv.id)
+            log.error("engine conversation %d holds a row without a caller; freeing it", conv.id)
             engine.leave(conv)  # never step rows nobody listens to (and never stall on them)
         rows = engine.conversations
         if not rows:
@@ -406,7 +445,8 @@ class ModelLoop:
         except Exception:
             # A batched step cannot be pinned on one caller: end every conversation of this batch, keep serving.
             self.stats.step_errors += 1
-            log.exception("model step failed for %d conversations; ending them", len(slots))
+            log.exception("model step failed for %d conversations (%s); ending them", len(slots),
+                          ", ".join(slot.name for slot in slots))
             self._reset_engine("the model failed on this conversation; please reconnect")
             return
         outputs = []
@@ -417,7 +457,7 @@ class ModelLoop:
                 try:
                     self.on_frame(slot, slot.stats.frames - 1, frame, result)
                 except Exception:
-                    log.exception("on_frame hook failed")
+                    log.exception("conversation %s: on_frame hook failed", slot.name)
         self._call_soon(_deliver_all, outputs)
 
     def _reset_engine(self, reason: str) -> None:
@@ -451,7 +491,7 @@ def _deliver_all(outputs) -> None:
             try:
                 slot.deliver(pcm, token)
             except Exception:
-                log.exception("delivering a frame to conversation %d failed", slot.id)
+                log.exception("conversation %s: delivering a frame failed", slot.name)
 
 
-__all__ = ["Admission", "Waiter", "ModelLoop", "Slot", "SlotStats", "InputBuffer", "TickStats", "TICK_SECONDS"]
+__all__ = ["ConversationStartError", "Admission", "Waiter", "ModelLoop", "Slot", "SlotStats", "InputBuffer", "TickStats", "TICK_SECONDS"]
