@@ -159,8 +159,9 @@ def test_streaming_encode_matches_reference_and_batch(models, pcm, ref_codes):
     ref, ours, _ = models
     ref_stream = _ref_stream_encode(ref, pcm)
     assert torch.equal(ref_stream, ref_codes)  # the reference's own streaming == batch property
-    with ours.streaming(1):
-        ours_stream = torch.cat([ours.encode(pcm[..., i : i + FRAME]) for i in range(0, pcm.shape[-1], FRAME)], -1)
+    with ours.streaming(1) as stream:
+        ours_stream = torch.cat([stream.encode(pcm[..., i : i + FRAME]) for i in range(0, pcm.shape[-1], FRAME)], -1)
+        assert torch.equal(ours.encode(pcm), ref_codes)  # the module keeps no state: still whole-signal
     assert torch.equal(ours_stream, ref_stream)
     # Several frames per step give the same codes.
     assert torch.equal(_stream_encode(ours, pcm, ours.init_encoder_state(1), frames_per_step=2), ref_stream)
@@ -174,8 +175,8 @@ def test_decode_matches_reference(models, ref_codes):
     assert ours_batch.shape == (1, 1, 4 * FRAME)
     assert _rel(ours_batch, ref_batch) < 1e-4
     ref_stream = _ref_stream_decode(ref, ref_codes)
-    with ours.streaming(1):
-        ours_stream = torch.cat([ours.decode(ref_codes[..., i : i + 1]) for i in range(4)], dim=-1)
+    stream = ours.stream(1)
+    ours_stream = torch.cat([stream.decode(ref_codes[..., i : i + 1]) for i in range(4)], dim=-1)
     assert _rel(ours_stream, ref_stream) < 1e-4
     assert _rel(ours_stream, ours_batch) < 1e-4
 
@@ -242,11 +243,12 @@ def test_errors_say_what_was_expected(models):
         ours.encode(torch.zeros(1, FRAME))
     with pytest.raises(ValueError, match="multiple of 1920"):
         ours.encode_step(torch.zeros(1, 1, 1000), ours.init_encoder_state(1))
-    with ours.streaming(1):
+    with ours.streaming(1) as stream:
         with pytest.raises(ValueError, match="multiple of 1920"):
-            ours.encode(torch.zeros(1, 1, FRAME + 1))
-        with pytest.raises(RuntimeError, match="already streaming"), ours.streaming(1):
-            pass
+            stream.encode(torch.zeros(1, 1, FRAME + 1))
+        assert ours.encode(torch.zeros(1, 1, FRAME + 1)).shape == (1, 8, 2)  # whole-signal: padded
+    with pytest.raises(ValueError, match="positive int"):
+        ours.stream(0)
     with pytest.raises(ValueError, match="batch size 2"):
         ours.encode_step(torch.zeros(2, 1, FRAME), ours.init_encoder_state(1))
     with pytest.raises(ValueError, match="integer codes"):

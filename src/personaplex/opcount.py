@@ -14,10 +14,12 @@ visible at the dispatcher, so they can be counted on the CPU or on the meta devi
 
 A "view" here is an operation that only re-describes an existing tensor's memory and launches nothing:
 `VIEW_OPS` (view, reshape, select, slice, expand, transpose, permute, t, unsqueeze, squeeze, split, unbind,
-alias, detach, _unsafe_view, as_strided). Every other operation is counted, in-place ones included.
+alias, detach, _unsafe_view, as_strided, view_as_complex, view_as_real, _reshape_alias, unfold, diagonal).
+Every other operation is counted, in-place ones included.
 Composite operations (`matmul`, `linear`, `to`, `contiguous`, `layer_norm`, ...) are counted as the operations
 they run (`mm`, `_to_copy`, `clone`, `native_layer_norm`; nothing for a `to` or `contiguous` that has nothing
-to do), so a count is the same with or without `torch.inference_mode()`.
+to do), so a count is the same with or without `torch.inference_mode()`; except `WHOLE_OPS`
+(`scaled_dot_product_attention`), counted as the one fused kernel a GPU runs.
 """
 
 from __future__ import annotations
@@ -50,8 +52,17 @@ VIEW_OPS = frozenset(
         "detach",
         "_unsafe_view",
         "as_strided",
+        "view_as_complex",
+        "view_as_real",
+        "_reshape_alias",
+        "unfold",
+        "diagonal",
     }
 )
+
+# Composite operations counted as one: attention is one fused kernel on a GPU (flash / memory-efficient
+# attention), while on the CPU and meta devices it would decompose into its reference math.
+WHOLE_OPS = frozenset({"scaled_dot_product_attention"})
 
 # Operations whose result the host must wait for (a device-to-host read of a value).
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero"})
@@ -68,6 +79,8 @@ def _decompose(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict) ->
     `mode` seeing those, or return NotImplemented. Outside `inference_mode` the autograd layer decomposes them
     before any dispatch mode runs; inside it they reach the mode whole. Decomposing here makes the counts (and
     the sync checks) the same in both, and counts what really runs (`x.to(x.dtype)` runs nothing)."""
+    if func.overloadpacket.__name__ in WHOLE_OPS:
+        return NotImplemented
     if not func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
         return NotImplemented
     with mode:

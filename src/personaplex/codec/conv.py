@@ -5,10 +5,14 @@ input samples of each row (`ConvState.previous`: zeros at the start, or the firs
 `pad_mode="replicate"`), a transposed conv keeps the `kernel - stride` output samples that the next input
 still adds to (`ConvTrState.partial`, without the bias).
 
+Streaming updates the state in place (the tensors keep their storage): a step is `cat([previous, x])`, the
+conv, and `previous.copy_(tail)`; a transposed conv's step is its product, one overlap-add and
+`partial.copy_(tail)`.
+
 Speed note (CPU, streaming): an 80 ms frame is only 1-2 time steps in the deep layers, where the cost is
 reading the weights. There we run the conv as one matrix product `W @ cols.T` with `cols` (tokens, in) laid
-out row-major: MKL's sgemm is 2-4x faster in that layout than in `F.conv1d`/`F.linear` for a handful of
-tokens (see `small_matmul`). Long inputs go through `F.conv1d` (oneDNN).
+out row-major: on the CPU that is 2-4x faster than `F.conv1d` (oneDNN) for a handful of tokens (see
+`small_matmul`). Long inputs, and every input on other devices (CUDA, meta), go through `F.conv1d`.
 """
 
 from __future__ import annotations
@@ -20,26 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state import FRESH, StreamState
+from .state import FRESH, StreamState, allocating
 
-# Up to this many output tokens, a conv or linear layer is one `W @ x.T` product (see `small_matmul`).
+# Up to this many output tokens, a conv or linear layer on the CPU is one `W @ x.T` product (see `small_matmul`).
 SMALL_GEMM_TOKENS = 16
+
+
+def _small_gemm(x: torch.Tensor, tokens: int) -> bool:
+    return x.device.type == "cpu" and tokens <= SMALL_GEMM_TOKENS
 
 
 def small_matmul(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`weight (O, I)` applied to `rows (N, I)`: returns `(O, N)`, possibly as a transposed view.
 
-    For few rows, `weight @ rows.T` with `rows` contiguous is the fastest sgemm layout on CPU; for many rows
-    `F.linear` is as good and the result is returned as the transposed view of `(N, O)`.
+    For few rows on the CPU, `weight @ rows.T` with `rows` contiguous is the fastest sgemm layout; otherwise
+    (many rows, or another device) `F.linear` is as good and the result is the transposed view of `(N, O)`.
     """
-    if rows.shape[0] <= SMALL_GEMM_TOKENS:
+    if _small_gemm(rows, rows.shape[0]):
         return weight @ rows.contiguous().t()
     return F.linear(rows, weight).t()
-
-
-def linear_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(rows, weight)` without bias, `(N, I) -> (N, O)`, with the fast small-N layout."""
-    return small_matmul(weight, rows).t()
 
 
 @dataclasses.dataclass
@@ -95,8 +98,9 @@ class CausalConv1d(nn.Module):
 
     def init_state(self, batch_size: int) -> ConvState:
         w = self.weight
-        previous = torch.zeros(batch_size, self.in_channels, self.context, device=w.device, dtype=w.dtype)
-        return ConvState(previous, torch.ones(batch_size, dtype=torch.bool, device=w.device))
+        with allocating():
+            previous = torch.zeros(batch_size, self.in_channels, self.context, device=w.device, dtype=w.dtype)
+            return ConvState(previous, torch.ones(batch_size, dtype=torch.bool, device=w.device))
 
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
         """x: (B, C_in, T) with T a multiple of the stride -> (B, C_out, T // stride).
@@ -117,24 +121,26 @@ class CausalConv1d(nn.Module):
                 previous = state.previous
                 if self.pad_mode == "replicate":
                     # A row's first input fills the left context with its first sample.
-                    previous = torch.where(state.first.view(B, 1, 1), x[..., :1].expand(B, C, ctx), previous)
-                    state.first = torch.zeros_like(state.first)
+                    torch.where(state.first.view(B, 1, 1), x[..., :1], previous, out=previous)
+                    state.first.fill_(False)
                 x = torch.cat([previous, x], dim=-1)
-                state.previous = x[..., -ctx:]
+                previous.copy_(x[..., -ctx:])
         return self._conv(x)
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T = x.shape
         K, S, D = self.kernel_size, self.stride, self.dilation
         t_out = (T - D * (K - 1) - 1) // S + 1
-        if B * t_out > SMALL_GEMM_TOKENS:
+        if not _small_gemm(x, B * t_out):
             return F.conv1d(x, self.weight, self.bias, stride=S, dilation=D)
         x = x.contiguous()
         # im2col: cols[b, t, c, k] = x[b, c, t*S + k*D], one row per output step.
         cols = x.as_strided((B, t_out, C, K), (C * T, S, T, D)).reshape(B * t_out, C * K)
-        y = small_matmul(self.weight.view(self.out_channels, C * K), cols)  # (C_out, B*t_out)
+        w = self.weight.view(self.out_channels, C * K)
         if self.bias is not None:
-            y = y + self.bias[:, None]
+            y = torch.addmm(self.bias[:, None], w, cols.t())  # (C_out, B*t_out)
+        else:
+            y = w @ cols.t()
         return y.view(self.out_channels, B, t_out).transpose(0, 1)
 
 
@@ -146,6 +152,15 @@ def overlap_add(z: torch.Tensor, stride: int, state: ConvTrState | None, bias: t
     """
     B, C, T, K = z.shape
     S = stride
+    if state is not None and K == 2 * S:
+        # Streaming, kernel = 2 * stride (all of Mimi's): output block t = piece 0 of step t + piece 1 of step
+        # t - 1, where step -1 is what the previous call left in `partial`.
+        later = torch.cat([state.partial.view(B, C, 1, S), z[..., S:]], dim=2)  # (B, C, T + 1, S)
+        out = torch.add(later[:, :, :T], z[..., :S])  # laid out like `later`: contiguous
+        if bias is not None:
+            out.add_(bias.view(1, C, 1, 1))
+        state.partial.copy_(later[:, :, T].view(B, C, S))  # no bias: it is added when the samples are output
+        return out.view(B, C, T * S)
     pieces = -(-K // S)
     if pieces * S != K:
         z = F.pad(z, (0, pieces * S - K))
@@ -162,7 +177,7 @@ def overlap_add(z: torch.Tensor, stride: int, state: ConvTrState | None, bias: t
     overlap = K - S
     if state is not None and overlap > 0:
         full[..., :overlap] += state.partial
-        state.partial = full[..., T * S : T * S + overlap]  # no bias: it is added when the samples are output
+        state.partial.copy_(full[..., T * S : T * S + overlap])
     return full[..., : T * S]
 
 
@@ -199,7 +214,8 @@ class CausalConvTranspose1d(nn.Module):
     def init_state(self, batch_size: int) -> ConvTrState:
         w = self.weight
         overlap = self.kernel_size - self.stride
-        return ConvTrState(torch.zeros(batch_size, self.out_channels, overlap, device=w.device, dtype=w.dtype))
+        with allocating():
+            return ConvTrState(torch.zeros(batch_size, self.out_channels, overlap, device=w.device, dtype=w.dtype))
 
     def forward(self, x: torch.Tensor, state: ConvTrState | None = None) -> torch.Tensor:
         """x: (B, C_in, T) -> (B, C_out, T * stride)."""
@@ -226,7 +242,8 @@ class DepthwiseConvTranspose1d(nn.Module):
     def init_state(self, batch_size: int) -> ConvTrState:
         w = self.weight
         overlap = self.kernel_size - self.stride
-        return ConvTrState(torch.zeros(batch_size, self.channels, overlap, device=w.device, dtype=w.dtype))
+        with allocating():
+            return ConvTrState(torch.zeros(batch_size, self.channels, overlap, device=w.device, dtype=w.dtype))
 
     def forward(self, x: torch.Tensor, state: ConvTrState | None = None) -> torch.Tensor:
         """x: (B, C, T) -> (B, C, T * stride)."""

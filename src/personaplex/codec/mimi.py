@@ -8,15 +8,22 @@ Whole-signal use: `codes = mimi.encode(pcm)`, `pcm = mimi.decode(codes)`; encode
 a whole number of frames (ceil(T / 1920) frames), like the reference.
 
 Streaming: the model holds weights only; a stream's memory is a `MimiEncoderState` / `MimiDecoderState`
-(batch-first, see `state.py`):
+(batch-first, preallocated, updated in place, see `state.py`), held by you:
 
-    enc, dec = mimi.init_encoder_state(B), mimi.init_decoder_state(B)
-    codes = mimi.encode_step(frame, enc)      # frame (B, 1, 1920 * n) -> (B, K, n)
-    audio = mimi.decode_step(codes, dec)      # (B, K, n) -> (B, 1, 1920 * n)
+    stream = mimi.stream(B)                   # or `with mimi.streaming(B) as stream:`
+    codes = stream.encode(frame)              # frame (B, 1, 1920 * n) -> (B, K, n)
+    audio = stream.decode(codes)              # (B, K, n) -> (B, 1, 1920 * n)
+    stream.reset_row(i)                       # row i starts a new stream (also copy_row, load_row, ...)
 
-or, like the reference, `with mimi.streaming(B): mimi.encode(frame); mimi.decode(codes)`. Streaming gives
-the same codes as whole-signal encoding (the convolutions are exactly chunk-invariant; only the attention
-window differs after 10 s, see `transformer.py`).
+or with the states themselves: `enc = mimi.init_encoder_state(B)`, `mimi.encode_step(frame, enc)`, and
+`mimi.decode_step(codes, dec)`. `mimi.encode` / `mimi.decode` are always whole-signal. Streaming gives the
+same codes as whole-signal encoding (the convolutions are exactly chunk-invariant; only the attention window
+differs after 10 s, see `transformer.py`).
+
+A step has a fixed shape for a given batch and frame count, writes every state tensor in place (their
+storage never changes, so a CUDA graph can be captured over it) and never waits for the device: no value is
+read back and no shape depends on data (the range check of codes runs on CPU tensors only). Steps run under
+`torch.no_grad()`; inside `torch.inference_mode()` they work too, as the states are never inference tensors.
 """
 
 from __future__ import annotations
@@ -219,7 +226,6 @@ class Mimi(nn.Module):
         self.upsample = DepthwiseConvTranspose1d(config.dimension, 2 * stride, stride, **factory)
         self.decoder_transformer = transformer()
         self.decoder = SeanetDecoder(config, **factory)
-        self._streams: tuple[MimiEncoderState, MimiDecoderState] | None = None
 
     # ---- properties -------------------------------------------------------------------------------------
     @property
@@ -264,29 +270,19 @@ class Mimi(nn.Module):
             self.decoder.init_state(batch_size),
         )
 
-    @contextlib.contextmanager
-    def streaming(self, batch_size: int = 1) -> Iterator[tuple[MimiEncoderState, MimiDecoderState]]:
-        """Within the block, `encode` / `decode` continue one stream per batch row, frame by frame."""
-        if self._streams is not None:
-            raise RuntimeError("this Mimi is already streaming; leave the current `with mimi.streaming()` first")
-        self._streams = (self.init_encoder_state(batch_size), self.init_decoder_state(batch_size))
-        try:
-            yield self._streams
-        finally:
-            self._streams = None
+    def stream(self, batch_size: int = 1) -> MimiStream:
+        """A new stream of `batch_size` rows (fresh encoder and decoder states)."""
+        return MimiStream(self, batch_size)
 
-    @property
-    def is_streaming(self) -> bool:
-        return self._streams is not None
+    @contextlib.contextmanager
+    def streaming(self, batch_size: int = 1) -> Iterator[MimiStream]:
+        """`with mimi.streaming(B) as stream:` is `stream = mimi.stream(B)` (the reference's spelling); the
+        module itself keeps no state, so `mimi.encode` / `mimi.decode` stay whole-signal inside the block."""
+        yield self.stream(batch_size)
 
     # ---- public API ---------------------------------------------------------------------------------------
     def encode(self, pcm: torch.Tensor) -> torch.Tensor:
-        """pcm (B, 1, T) float at 24 kHz -> codes (B, num_codebooks, ceil(T / 1920)) int64.
-
-        Inside `streaming()`, T must be a multiple of 1920 and the stream continues.
-        """
-        if self._streams is not None:
-            return self.encode_step(pcm, self._streams[0])
+        """pcm (B, 1, T) float at 24 kHz -> codes (B, num_codebooks, ceil(T / 1920)) int64, whole signal."""
         pcm = self._check_pcm(pcm, streaming=False)
         pad = -pcm.shape[-1] % self.frame_size
         if pad:
@@ -295,25 +291,23 @@ class Mimi(nn.Module):
             return self._encode(pcm, None)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, K, F) int -> pcm (B, 1, F * 1920). Inside `streaming()`, the stream continues."""
-        if self._streams is not None:
-            return self.decode_step(codes, self._streams[1])
+        """codes (B, K, F) int -> pcm (B, 1, F * 1920), whole signal."""
         codes = self._check_codes(codes)
         with torch.inference_mode():
             return self._decode(codes, None)
 
     def encode_step(self, pcm: torch.Tensor, state: MimiEncoderState) -> torch.Tensor:
-        """Continue the streams in `state`: pcm (B, 1, 1920 * n) -> codes (B, num_codebooks, n)."""
+        """Continue the streams in `state` (updated in place): pcm (B, 1, 1920 * n) -> codes (B, num_codebooks, n)."""
         pcm = self._check_pcm(pcm, streaming=True)
         _check_batch(pcm.shape[0], state, "encoder")
-        with torch.inference_mode():
+        with torch.no_grad():
             return self._encode(pcm, state)
 
     def decode_step(self, codes: torch.Tensor, state: MimiDecoderState) -> torch.Tensor:
-        """Continue the streams in `state`: codes (B, K, n) -> pcm (B, 1, 1920 * n)."""
+        """Continue the streams in `state` (updated in place): codes (B, K, n) -> pcm (B, 1, 1920 * n)."""
         codes = self._check_codes(codes)
         _check_batch(codes.shape[0], state, "decoder")
-        with torch.inference_mode():
+        with torch.no_grad():
             return self._decode(codes, state)
 
     # ---- implementation -----------------------------------------------------------------------------------
@@ -325,7 +319,7 @@ class Mimi(nn.Module):
         else:
             x = self.encoder_transformer.step(x, state.transformer)
         x = self.downsample(x.transpose(1, 2), state.downsample if state else None)  # (B, D, F)
-        return self.quantizer.encode(x).contiguous()  # (B, K, F)
+        return self.quantizer.encode(x).contiguous()  # (B, K, F); a view when F = 1
 
     def _decode(self, codes: torch.Tensor, state: MimiDecoderState | None) -> torch.Tensor:
         x = self.quantizer.decode(codes)  # (B, D, F)
@@ -376,3 +370,55 @@ class Mimi(nn.Module):
 def _check_batch(batch: int, state: StreamState, side: str) -> None:
     if state.batch_size != batch:
         raise ValueError(f"the {side} state holds {state.batch_size} streams but the input has batch size {batch}")
+
+
+class MimiStream:
+    """`batch_size` streams through one Mimi: an encoder and a decoder state, stepped frame by frame.
+
+    Row operations apply to both states, in place: `reset_row(i)`, `reset(mask)`, `copy_row(dst, src, src_row)`
+    and `load_row(row, src, src_row=0)` (`src` another `MimiStream`, e.g. a batch-1 one), `restore(snapshot)`.
+    """
+
+    def __init__(self, mimi: Mimi, batch_size: int = 1) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.mimi = mimi
+        self.encoder_state = mimi.init_encoder_state(batch_size)
+        self.decoder_state = mimi.init_decoder_state(batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self.encoder_state.batch_size
+
+    def encode(self, pcm: torch.Tensor) -> torch.Tensor:
+        """pcm (B, 1, 1920 * n) -> codes (B, num_codebooks, n), continuing each row's stream."""
+        return self.mimi.encode_step(pcm, self.encoder_state)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, K, n) -> pcm (B, 1, 1920 * n), continuing each row's stream."""
+        return self.mimi.decode_step(codes, self.decoder_state)
+
+    def reset_row(self, row: int) -> None:
+        self.encoder_state.reset_row(row)
+        self.decoder_state.reset_row(row)
+
+    def reset(self, mask: torch.Tensor) -> None:
+        self.encoder_state.reset(mask)
+        self.decoder_state.reset(mask)
+
+    def copy_row(self, dst: int, src: MimiStream, src_row: int) -> None:
+        self.encoder_state.copy_row(dst, src.encoder_state, src_row)
+        self.decoder_state.copy_row(dst, src.decoder_state, src_row)
+
+    def load_row(self, row: int, src: MimiStream, src_row: int = 0) -> None:
+        self.copy_row(row, src, src_row)
+
+    def snapshot(self) -> MimiStream:
+        copy = object.__new__(MimiStream)
+        copy.mimi = self.mimi
+        copy.encoder_state, copy.decoder_state = self.encoder_state.snapshot(), self.decoder_state.snapshot()
+        return copy
+
+    def restore(self, snapshot: MimiStream) -> None:
+        self.encoder_state.restore(snapshot.encoder_state)
+        self.decoder_state.restore(snapshot.decoder_state)

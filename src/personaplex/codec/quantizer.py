@@ -5,8 +5,8 @@ takes the nearest entry to what the previous levels left) and projects back; the
 of both halves. Both halves read the same latent: the acoustic half does not see the semantic residual.
 
 A codebook keeps the training-time EMA buffers of the release (`embedding_sum`, `cluster_usage`,
-`initialized`); its vectors are embedding_sum / cluster_usage.clamp(min=1e-5), computed once and cached until
-a buffer changes.
+`initialized`); its vectors are embedding_sum / cluster_usage.clamp(min=1e-5), computed once for all codebooks
+(`CodebookTables`) and reused until a buffer changes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import linear_rows, small_matmul
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -26,46 +25,53 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 class Codebook(nn.Module):
+    """The training-time EMA buffers of one codebook; `vectors()` are the codebook entries derived from them."""
+
     def __init__(self, dim: int, size: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
         self.dim, self.size, self.eps = dim, size, eps
         self.register_buffer("initialized", torch.zeros(1, device=device, dtype=dtype))
         self.register_buffer("cluster_usage", torch.ones(size, device=device, dtype=dtype))
         self.register_buffer("embedding_sum", torch.zeros(size, dim, device=device, dtype=dtype))
-        self._cache_key: tuple | None = None
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(vectors (size, dim), [vectors, 1, |vectors|^2] (size, dim + 2)), cached while the buffers are unchanged."""
+    def cache_key(self) -> tuple:
         s, u = self.embedding_sum, self.cluster_usage
-        key = (s.data_ptr(), _version(s), u.data_ptr(), _version(u), s.device, s.dtype)
-        if self._cache is not None and key == self._cache_key and None not in key:
-            return self._cache
-        with torch.no_grad():
-            emb = s / u.clamp(min=self.eps)[:, None]
-            norm = emb.pow(2).sum(-1, keepdim=True)
-            padded = torch.cat([emb, torch.ones_like(norm), norm], dim=-1)
-        self._cache, self._cache_key = (emb, padded), key
-        return emb, padded
+        return (s.data_ptr(), _version(s), u.data_ptr(), _version(u), s.device, s.dtype)
 
-    def embedding(self) -> torch.Tensor:
-        """(size, dim) codebook vectors."""
-        return self._tables()[0]
+    def vectors(self) -> torch.Tensor:
+        """(size, dim) codebook entries."""
+        return self.embedding_sum / self.cluster_usage.clamp(min=self.eps)[:, None]
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (N, dim) -> codes (N,) int64, index of the nearest vector (euclidean).
 
-        Same computation as `torch.cdist` (the reference), which for large codebooks expands
-        |x - e|^2 = -2 x.e + |x|^2 + |e|^2 into one matrix product; the |e|^2 part is cached here.
-        """
-        norm = rows.pow(2).sum(-1, keepdim=True)
-        padded = torch.cat([rows * -2, norm, torch.ones_like(norm)], dim=-1)  # (N, dim + 2)
-        dist = small_matmul(self._tables()[1], padded).clamp_min(0).sqrt()  # (size, N)
-        return dist.argmin(dim=0)
+class CodebookTables:
+    """Every codebook's entries stacked, (total, size, dim), and their squared norms (total, size).
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (...) -> vectors (..., dim)."""
-        return F.embedding(codes, self._tables()[0])
+    Computed once and reused while no codebook buffer changes (e.g. a new checkpoint is loaded), so a step
+    reads them instead of recomputing 32 divisions; they are the only copy of the entries.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, codebooks: list[Codebook]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(cb.cache_key() for cb in codebooks)
+        if self._tables is not None and key == self._key and not any(None in k for k in key):
+            return self._tables
+        with torch.no_grad(), torch.inference_mode(False):
+            table = torch.stack([cb.vectors() for cb in codebooks])
+            sq_norms = table.pow(2).sum(-1)
+        self._tables, self._key = (table, sq_norms), key
+        return table, sq_norms
+
+
+def nearest(rows: torch.Tensor, vectors: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """rows (N, dim) -> (N,) int64 index of the nearest of `vectors` (size, dim) in euclidean distance.
+
+    argmin_e |x - e|^2 = argmin_e (|e|^2 - 2 x.e): |x|^2 is the same for every entry and the square root is
+    monotonic, so one matrix product and an argmin pick the entry `torch.cdist` (the reference) would.
+    """
+    return torch.addmm(sq_norms, rows, vectors.t(), alpha=-2).argmin(dim=1)
 
 
 class ResidualVQ(nn.Module):
@@ -78,22 +84,16 @@ class ResidualVQ(nn.Module):
         self.output_proj = nn.Linear(dim, input_dim, bias=False, **factory)
         self.codebooks = nn.ModuleList(Codebook(dim, size, eps, **factory) for _ in range(num_codebooks))
 
-    def encode(self, rows: torch.Tensor, n: int) -> torch.Tensor:
-        """rows (N, input_dim) -> codes (n, N) from the first n codebooks."""
-        residual = linear_rows(rows, self.input_proj.weight).contiguous()
+    def encode(self, rows: torch.Tensor, n: int, table: torch.Tensor, sq_norms: torch.Tensor) -> list[torch.Tensor]:
+        """rows (N, input_dim) -> n codes (N,) from the first n codebooks; `table`/`sq_norms` are theirs."""
+        residual = F.linear(rows, self.input_proj.weight)
         codes = []
-        for codebook in self.codebooks[:n]:
-            c = codebook.encode(residual)
-            residual = residual - codebook.decode(c)
+        for i in range(n):
+            c = nearest(residual, table[i], sq_norms[i])
+            if i + 1 < n:
+                residual = residual - F.embedding(c, table[i])
             codes.append(c)
-        return torch.stack(codes)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (n, N) -> rows (N, input_dim)."""
-        quantized = self.codebooks[0].decode(codes[0])
-        for codebook, c in zip(self.codebooks[1:], codes[1:]):
-            quantized = quantized + codebook.decode(c)
-        return linear_rows(quantized, self.output_proj.weight)
+        return codes
 
 
 class SplitResidualVQ(nn.Module):
@@ -118,27 +118,43 @@ class SplitResidualVQ(nn.Module):
         self.total_codebooks, self.semantic_codebooks, self.cardinality = total_codebooks, semantic_codebooks, size
         self.num_codebooks = 0
         self.set_num_codebooks(num_codebooks)
+        self._tables = CodebookTables()
 
     def set_num_codebooks(self, n: int) -> None:
         if not self.semantic_codebooks <= n <= self.total_codebooks:
             raise ValueError(f"num_codebooks must be in [{self.semantic_codebooks}, {self.total_codebooks}], got {n}")
         self.num_codebooks = n
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(entries (total, size, dim), squared norms (total, size)) of all codebooks, semantic first."""
+        return self._tables.get([*self.semantic.codebooks, *self.acoustic.codebooks])
+
     def encode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent (B, input_dim, F) -> codes (B, num_codebooks, F) int64."""
         B, D, T = latent.shape
         rows = latent.transpose(1, 2).reshape(B * T, D)
-        codes = self.semantic.encode(rows, self.semantic_codebooks)
-        rest = self.num_codebooks - self.semantic_codebooks
+        table, sq_norms = self.tables()
+        s = self.semantic_codebooks
+        codes = self.semantic.encode(rows, s, table[:s], sq_norms[:s])
+        rest = self.num_codebooks - s
         if rest > 0:
-            codes = torch.cat([codes, self.acoustic.encode(rows, rest)])
-        return codes.view(-1, B, T).transpose(0, 1)
+            codes += self.acoustic.encode(rows, rest, table[s:], sq_norms[s:])
+        return torch.stack(codes, dim=1).view(B, T, -1).transpose(1, 2)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, K, F) with K <= total_codebooks -> latent (B, input_dim, F)."""
+        """codes (B, K, F) with K <= total_codebooks -> latent (B, input_dim, F).
+
+        One lookup in the stacked table for all K codebooks (code + k * size), one sum over the acoustic
+        ones, and the two output projections.
+        """
         B, K, T = codes.shape
-        flat = codes.transpose(0, 1).reshape(K, B * T)
-        rows = self.semantic.decode(flat[: self.semantic_codebooks])
-        if K > self.semantic_codebooks:
-            rows = rows + self.acoustic.decode(flat[self.semantic_codebooks :])
-        return rows.reshape(B, T, -1).transpose(1, 2)
+        table, _ = self.tables()
+        s = self.semantic_codebooks
+        flat = table.view(-1, table.shape[-1])[: K * self.cardinality]
+        offsets = torch.arange(0, K * self.cardinality, self.cardinality, device=codes.device)
+        vectors = F.embedding(codes + offsets.view(1, K, 1), flat)  # (B, K, T, dim)
+        rows = F.linear(vectors[:, :s].sum(1).reshape(B * T, -1), self.semantic.output_proj.weight)
+        if K > s:
+            rest = vectors[:, s:].sum(1).reshape(B * T, -1)
+            rows = torch.addmm(rows, rest, self.acoustic.output_proj.weight.t())
+        return rows.view(B, T, -1).transpose(1, 2)

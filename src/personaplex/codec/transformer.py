@@ -5,7 +5,9 @@ No biases in the projections, RoPE on interleaved pairs (x[2i], x[2i+1]), attent
 `context` positions.
 
 Streaming keeps a ring buffer of `context` slots per layer (`KVCache`) and, shared by all layers, the
-absolute position held in each slot (`TransformerState.slot_positions`, -1 when empty). As in the reference,
+absolute position held in each slot (`TransformerState.slot_positions`, `EMPTY_SLOT` when empty), all updated
+in place. The attention mask (an additive float mask) and the rotary angles are computed once per step for
+all layers; q and k are rotated together as one complex product. As in the reference,
 a step's new keys are written before attending, so with several tokens per step the earliest queries of the
 step can lose their oldest keys once the ring has wrapped (e.g. Mimi's first query of a frame sees 249
 instead of 250 past positions after 10 s). Whole-signal mode (`forward`) attends over the full window.
@@ -20,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import linear_rows
-from .state import FRESH, StreamState
+from .state import FRESH, StreamState, allocating
+
+# The position recorded for an empty slot: so far in the past that the window test rejects it.
+EMPTY_SLOT = -(2**62)
 
 
 @dataclasses.dataclass
@@ -34,17 +38,16 @@ class KVCache(StreamState):
 class TransformerState(StreamState):
     position: torch.Tensor  # (B,) int64: tokens seen so far
     slot_positions: torch.Tensor = dataclasses.field(
-        metadata={FRESH: -1}
-    )  # (B, context) int64: position in each slot, -1 = empty
+        metadata={FRESH: EMPTY_SLOT}
+    )  # (B, context) int64: position in each slot, EMPTY_SLOT = empty
     layers: list[KVCache] = dataclasses.field(default_factory=list)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs of x (..., B, H, T, D) by angles with cos/sin (B, 1, T, D/2), in fp32."""
-    xr, xi = x[..., 0::2].float(), x[..., 1::2].float()
-    out_r = xr * cos - xi * sin
-    out_i = xr * sin + xi * cos
-    return torch.stack([out_r, out_i], dim=-1).flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (..., D) by `rotation` (complex64, broadcast to
+    (..., D/2)), in fp32: one complex product. Returns x's dtype, shape (..., D)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -55,20 +58,19 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
 
     def qkv(
-        self, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, rows: torch.Tensor, rotation: torch.Tensor, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """rows (B*T, dim) -> q, k (rotated), v, each (B, H, T, head_dim); cos/sin (B, 1, T, head_dim/2)."""
-        B, _, T, _ = cos.shape
-        qkv = linear_rows(rows, self.in_proj.weight)  # (B*T, 3*dim)
-        qkv = qkv.view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, T, head_dim)
-        q, k = apply_rope(qkv[:2], cos, sin)  # both at once
-        return q, k, qkv[2]
+        """rows (B*T, dim) -> q, k (rotated), v, each (B, H, T, head_dim); rotation (B or 1, T, 1, 1, D/2)."""
+        qkv = F.linear(rows, self.in_proj.weight)  # (B*T, 3*dim), contiguous
+        qkv = qkv.unflatten(0, (batch, -1)).unflatten(-1, (3, self.num_heads, -1))  # (B, T, 3, H, head_dim)
+        qk = apply_rope(qkv[:, :, :2], rotation)  # both at once
+        return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """attn (B, H, T, head_dim) -> rows (B*T, dim)."""
         B, H, T, D = attn.shape
         rows = attn.transpose(1, 2).reshape(B * T, H * D)
-        return linear_rows(rows, self.out_proj.weight)
+        return F.linear(rows, self.out_proj.weight)
 
 
 class TransformerLayer(nn.Module):
@@ -86,8 +88,12 @@ class TransformerLayer(nn.Module):
         self.ffn_scale = nn.Parameter(torch.full((dim,), layer_scale, **factory))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(linear_rows(self.ffn_norm(x), self.ffn_up.weight))
-        return x + self.ffn_scale * linear_rows(h, self.ffn_down.weight)
+        h = F.gelu(F.linear(self.ffn_norm(x), self.ffn_up.weight))
+        return torch.addcmul(x, self.ffn_scale, F.linear(h, self.ffn_down.weight))
+
+    def attend(self, rows: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual update of the attention branch: rows + attn_scale * out_proj(attn)."""
+        return torch.addcmul(rows, self.attn_scale, self.attn.output(attn))
 
 
 class MimiTransformer(nn.Module):
@@ -117,65 +123,69 @@ class MimiTransformer(nn.Module):
         )
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) int64 -> cos, sin (B, 1, T, head_dim/2) in fp32."""
+    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions (B, T) int64 -> complex64 rotations (B, T, 1, 1, head_dim/2): exp(i * position * freq)."""
         inv_freq = self._inv_freq.get(positions.device)
         if inv_freq is None:
-            half = torch.arange(self.head_dim // 2, device=positions.device, dtype=torch.float32)
-            inv_freq = torch.exp(half * (-math.log(self.max_period) * 2 / self.head_dim))
-            self._inv_freq[positions.device] = inv_freq
-        angles = inv_freq * positions.to(torch.float32)[:, None, :, None]
-        return torch.cos(angles), torch.sin(angles)
+            with allocating():
+                half = torch.arange(self.head_dim // 2, device=positions.device, dtype=torch.float32)
+                inv_freq = torch.exp(half * (-math.log(self.max_period) * 2 / self.head_dim))
+                one = torch.ones((), device=positions.device)
+            self._inv_freq[positions.device] = inv_freq = torch.stack([inv_freq, one.expand_as(inv_freq)])
+        angles = positions[:, :, None, None, None] * inv_freq[0]  # int64 * fp32 -> fp32
+        return torch.polar(inv_freq[1], angles)
 
     def init_state(self, batch_size: int) -> TransformerState:
         p = self.layers[0].attn_scale
         shape = (batch_size, self.num_heads, self.context, self.head_dim)
-        return TransformerState(
-            position=torch.zeros(batch_size, dtype=torch.long, device=p.device),
-            slot_positions=torch.full((batch_size, self.context), -1, dtype=torch.long, device=p.device),
-            layers=[
-                KVCache(
-                    torch.zeros(shape, device=p.device, dtype=p.dtype),
-                    torch.zeros(shape, device=p.device, dtype=p.dtype),
-                )
-                for _ in self.layers
-            ],
-        )
+        with allocating():
+            return TransformerState(
+                position=torch.zeros(batch_size, dtype=torch.long, device=p.device),
+                slot_positions=torch.full((batch_size, self.context), EMPTY_SLOT, dtype=torch.long, device=p.device),
+                layers=[
+                    KVCache(
+                        torch.zeros(shape, device=p.device, dtype=p.dtype),
+                        torch.zeros(shape, device=p.device, dtype=p.dtype),
+                    )
+                    for _ in self.layers
+                ],
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whole sequence from position 0: x (B, T, dim) -> (B, T, dim)."""
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device)
-        cos, sin = self._rope(pos.expand(B, T))
+        rotation = self._rotation(pos[None])
         delta = pos[:, None] - pos[None, :]
         mask = (delta >= 0) & (delta < self.context)  # (T, T): query, key
         rows = x.reshape(B * T, self.dim)
         for layer in self.layers:
-            q, k, v = layer.attn.qkv(layer.attn_norm(rows), cos, sin)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            rows = rows + layer.attn_scale * layer.attn.output(out)
+            q, k, v = layer.attn.qkv(layer.attn_norm(rows), rotation, B)
+            rows = layer.attend(rows, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
             rows = layer.feed_forward(rows)
         return rows.reshape(B, T, self.dim)
 
     def step(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
-        """Continue each row's stream with T new tokens: x (B, T, dim) -> (B, T, dim); updates `state`."""
+        """Continue each row's stream with T new tokens: x (B, T, dim) -> (B, T, dim); updates `state` in place."""
         B, T, _ = x.shape
         if T > self.context:  # the ring can take at most `context` new entries at once
             return torch.cat([self.step(x[:, i : i + self.context], state) for i in range(0, T, self.context)], 1)
         q_pos = state.position[:, None] + torch.arange(T, device=x.device)  # (B, T)
         slots = q_pos % self.context
-        state.slot_positions = state.slot_positions.scatter(1, slots, q_pos)
+        state.slot_positions.scatter_(1, slots, q_pos)
+        # Key in the window of a query: 0 <= q_pos - key_pos < context, i.e. floor((q - k) / context) == 0
+        # (an empty slot is EMPTY_SLOT, far outside). Additive mask: log(1) = 0 or log(0) = -inf.
         delta = q_pos[:, :, None] - state.slot_positions[:, None, :]  # (B, T, context)
-        mask = ((state.slot_positions[:, None, :] >= 0) & (delta >= 0) & (delta < self.context))[:, None]
-        cos, sin = self._rope(q_pos)
+        in_window = delta.div(self.context, rounding_mode="floor") == 0
+        mask = in_window.to(x.dtype).log()[:, None]  # (B, 1, T, context)
+        rotation = self._rotation(q_pos)
         index = slots.view(B, 1, T, 1).expand(B, self.num_heads, T, self.head_dim)
         rows = x.reshape(B * T, self.dim)
         for layer, cache in zip(self.layers, state.layers):
-            q, k, v = layer.attn.qkv(layer.attn_norm(rows), cos, sin)
+            q, k, v = layer.attn.qkv(layer.attn_norm(rows), rotation, B)
             cache.keys.scatter_(2, index, k)
             cache.values.scatter_(2, index, v)
-            out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask)
-            rows = rows + layer.attn_scale * layer.attn.output(out)
+            rows = layer.attend(rows, F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask))
             rows = layer.feed_forward(rows)
-        state.position = state.position + T
+        state.position.add_(T)
         return rows.reshape(B, T, self.dim)
