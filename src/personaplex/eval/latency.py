@@ -479,7 +479,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tts", default=d.tts, help="caller voice: espeak (default), tones, or package.module:Class")
     parser.add_argument("--user-voice", default=d.user_voice, help="the TTS voice of the caller")
     parser.add_argument("--auth-token", default=None,
-                        help="the server's access token (sent as Authorization: Bearer; default $PERSONAPLEX_AUTH_TOKEN)")
+                        help="the server's access token (sent as a Bearer token; default $PERSONAPLEX_AUTH_TOKEN)")
     parser.add_argument("--out", default=None, help="results JSON")
 
 
