@@ -11,6 +11,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
+import shlex
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from personaplex.server.guard import (SERVER_HEADER, GuardError, GuardSettings, 
                                       fitting_max_connections, host_allowed, origin_allowed, raise_nofile_limit)
 
 TOKEN = "s3cret-token-for-tests-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +37,18 @@ def personas(checkpoint):
 
 
 @contextlib.asynccontextmanager
-async def guarded(checkpoint, personas, guard: GuardSettings | None = None, **settings):
+async def guarded(checkpoint, personas, guard: GuardSettings | None = None, tls=None, **settings):
     settings.setdefault("default_text_prompt", "You are a casual friend.")
     settings.setdefault("codec_workers", 0)
     settings = ServerSettings(guard=guard or GuardSettings(), **settings)
     server = build_server(checkpoint, settings, personas=personas)
     runner = make_runner(server)
     await runner.setup()
-    site = GuardedSite(runner, "127.0.0.1", 0, settings.guard)
+    site = GuardedSite(runner, "127.0.0.1", 0, settings.guard, ssl_context=tls)
     await site.start()
     try:
-        async with aiohttp.ClientSession() as http:
-            yield server, site, f"http://127.0.0.1:{site.port}", http
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as http:
+            yield server, site, f"{'https' if tls else 'http'}://127.0.0.1:{site.port}", http
     finally:
         await runner.cleanup()
 
@@ -176,6 +181,68 @@ def test_slowloris_closed_after_the_header_timeout(checkpoint, personas):
             assert site.counter.total <= 1
 
     asyncio.run(main())
+
+
+def test_tls_inside_the_guard(checkpoint, personas, tmp_path):
+    """With TLS, a socket counts from accept, through its handshake: one that never handshakes is closed after
+    the header timeout, one that fails its handshake is uncounted, and calls work over wss."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (needed to make a test certificate)")
+    from personaplex.server.cli import ssl_context
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    tls = ssl_context(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+
+    async def main():
+        limits = GuardSettings(header_timeout_seconds=0.8)
+        async with guarded(checkpoint, personas, limits, tls=tls) as (_, site, base, http):
+            assert base.startswith("https://") and await healthz_seconds(base, http) < 1.0
+            async with http.ws_connect(base.replace("https", "wss", 1) + "/api/chat") as ws:
+                assert (await ws.receive(timeout=30)).data == b"\x00"
+            await asyncio.sleep(0.3)  # let the websocket's socket close
+            baseline = site.counter.total
+            silent = await asyncio.open_connection("127.0.0.1", site.port)
+            garbage = await asyncio.open_connection("127.0.0.1", site.port)
+            garbage[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a TLS hello
+            await asyncio.sleep(0.2)
+            assert site.counter.total >= baseline + 1  # the silent one, still in its handshake, counts
+            for reader, _ in (garbage, silent):
+                with contextlib.suppress(ConnectionResetError):
+                    await closed_within(reader, 3.0)
+            await asyncio.sleep(0.1)
+            assert site.counter.total <= baseline
+
+    asyncio.run(main())
+
+
+def test_deploy_files_agree_with_the_server():
+    """The systemd unit's and the Deployment's flags parse, and their stop timeouts cover the drain."""
+    yaml = pytest.importorskip("yaml")
+    from personaplex.cli import build_parser
+
+    unit = (ROOT / "deploy" / "personaplex.service").read_text()
+    exec_start = re.search(r"^ExecStart=((?:.*\\\n)*.*)$", unit, re.M).group(1).replace("\\\n", " ")
+    argv = shlex.split(exec_start)
+    assert argv[0].endswith("/personaplex")
+    args = build_parser().parse_args(argv[1:])
+    assert float(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1)) > args.drain_seconds
+    for line in ("DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "KillSignal=SIGTERM",
+                 "Restart=on-failure"):
+        assert f"\n{line}\n" in unit, line
+    assert int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1)) > args.max_connections
+
+    deployment, service = yaml.safe_load_all((ROOT / "deploy" / "k8s.yaml").read_text())
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["failureThreshold"] == 1
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + args.drain_seconds
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
 # -- who may talk to it ----------------------------------------------------------------------------------------

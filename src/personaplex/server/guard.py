@@ -219,7 +219,11 @@ class GuardedConnection(asyncio.Protocol):
             raw.close()
             self.connection_lost(None)  # the TLS layer does not report a connection lost in its handshake
             return
-        if self.lost or secure is None:
+        if secure is None:  # the socket went away in its handshake (closed, aborted, timed out)
+            raw.close()
+            self.connection_lost(None)
+            return
+        if self.lost:
             return
         self.transport = secure
         self._attach(secure)
