@@ -168,7 +168,7 @@ def test_errors_are_one_line(capsys):
     assert "every call failed" in err and "connection failed" in err and len(err.strip().splitlines()) == 1
 
 
-def test_against_the_demo_server(checkpoint, tmp_path, capsys):
+def test_against_the_demo_server(checkpoint, tmp_path, capsys, one_thread):
     from personaplex.engine import Personas
     from personaplex.server import ServerSettings, build_server, make_runner
 
