@@ -383,3 +383,25 @@ def test_demo_voices_under_the_released_names(checkpoint, tmp_path):
     personas = Personas(checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer, tmp_path)
     assert resolve_voice(personas, "NATF0.pt") == "NATF0"  # what the released client sends
     assert resolve_voice(personas, "VARM3.pt") == "VARM3"
+
+
+def test_start_up_checks_and_warnings(capsys):
+    """Bad guard flags fail in one line before any model loads; the exposure warning names what is missing
+    (and never asks for TLS when TLS is on)."""
+    from personaplex.cli import main
+    from personaplex.server.cli import exposure_warning
+
+    for argv, text in ((["--static", "/no/such/dir"], "no index.html there"),
+                       (["--auth-token", "short"], "too short"),
+                       (["--allow-origin", "example.com"], "is not an origin"),
+                       (["--max-connections-per-ip", "-1"], "must be >= 0"),
+                       (["--header-timeout", "0"], "positive number")):
+        assert main(["serve", "--demo", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert text in err and len(err.splitlines()) == 1, err
+    assert exposure_warning("127.0.0.1", tls=False, token=False) is None
+    plain = exposure_warning("0.0.0.0", tls=False, token=False)
+    assert "TLS" in plain and "access token" in plain
+    tls_only = exposure_warning("0.0.0.0", tls=True, token=False)
+    assert "TLS" not in tls_only and "access token" in tls_only
+    assert "--ssl-cert" not in exposure_warning("10.0.0.5", tls=True, token=True)
