@@ -214,7 +214,7 @@ class GuardedConnection(asyncio.Protocol):
             secure = await asyncio.get_running_loop().start_tls(
                 raw, self, self.site.tls, server_side=True,
                 ssl_handshake_timeout=self.site.settings.header_timeout_seconds)
-        except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.CancelledError, Exception) as error:
+        except (Exception, asyncio.CancelledError) as error:  # a bad or vanished peer, or the site stopping
             log.debug("TLS handshake with %s failed: %s", self.ip, error)
             raw.close()
             self.connection_lost(None)  # the TLS layer does not report a connection lost in its handshake
