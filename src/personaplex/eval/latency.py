@@ -75,6 +75,8 @@ class LatencyConfig:
     connect_timeout: float = 60.0
     tts: str = "espeak"
     user_voice: str | None = "en-us+m3"
+    turn_lines: tuple[str, ...] = UTTERANCES
+    interruption_lines: tuple[str, ...] = INTERRUPTIONS
     auth_token: str | None = field(default=None, repr=False)  # the server's access token, if it has one
 
     def validate(self) -> "LatencyConfig":
@@ -104,7 +106,21 @@ def call_url(config: LatencyConfig, index: int) -> str:
 
 
 # -- the caller's audio -----------------------------------------------------------------------------------------
-def caller_lines(tts_spec: str, voice: str | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def read_lines(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`--lines FILE`: {"turns": [...], "interruptions": [...]}, the caller's texts (interruptions optional)."""
+    try:
+        raw = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"--lines {path}: cannot read it as JSON ({exc})") from None
+    ok = lambda v: isinstance(v, list) and v and all(isinstance(t, str) and t.strip() for t in v)  # noqa: E731
+    if not isinstance(raw, dict) or not ok(raw.get("turns")) or not ok(raw.get("interruptions", INTERRUPTIONS)):
+        raise EvalError(f'--lines {path}: expected {{"turns": ["...", ...], "interruptions": ["...", ...]}} '
+                        "with non-empty texts")
+    return tuple(raw["turns"]), tuple(raw.get("interruptions", INTERRUPTIONS))
+
+
+def caller_lines(tts_spec: str, voice: str | None, turns: tuple[str, ...] = UTTERANCES,
+                 interruptions: tuple[str, ...] = INTERRUPTIONS) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(turn utterances, interruptions) as 24 kHz mono audio with peak 0.5."""
     from ..audio import resample
     from ..train.synth import load_tts
@@ -117,7 +133,7 @@ def caller_lines(tts_spec: str, voice: str | None) -> tuple[list[np.ndarray], li
         peak = float(np.abs(pcm).max()) if len(pcm) else 0.0
         return (pcm * (0.5 / peak) if peak > 0 else pcm).astype(np.float32)
 
-    return [say(t) for t in UTTERANCES], [say(t) for t in INTERRUPTIONS]
+    return [say(t) for t in turns], [say(t) for t in interruptions]
 
 
 # -- what was received ------------------------------------------------------------------------------------------
@@ -430,7 +446,9 @@ def summarize(config: LatencyConfig, calls: list[CallResult]) -> dict:
     settings = asdict(config)
     settings.pop("auth_token")  # never written to a results file
     return {"url": config.url, "settings": settings, "response_latency": stats(response), "stop_latency": stats(stop),
-            "handshake": stats([c.handshake_s for c in calls if c.handshake_s is not None]), "counts": counts,
+            "handshake": stats([c.handshake_s for c in calls if c.handshake_s is not None]),
+            # agent audio received per second of call: below 1 the server fell behind real time (or dropped audio)
+            "received_ratio": stats([c.received_s / c.sent_s for c in calls if c.sent_s > 0]), "counts": counts,
             "calls": [asdict(c) for c in calls]}
 
 
@@ -439,7 +457,8 @@ async def run_calls(config: LatencyConfig, lines=None, interruptions=None) -> di
 
     config.validate()
     if lines is None:
-        lines, interruptions = caller_lines(config.tts, config.user_voice)
+        lines, interruptions = caller_lines(config.tts, config.user_voice, config.turn_lines,
+                                            config.interruption_lines)
     gate = asyncio.Semaphore(config.concurrency)
 
     async def one(index: int, http) -> CallResult:
@@ -478,18 +497,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the connection and the handshake (persona build, queue)")
     parser.add_argument("--tts", default=d.tts, help="caller voice: espeak (default), tones, or package.module:Class")
     parser.add_argument("--user-voice", default=d.user_voice, help="the TTS voice of the caller")
+    parser.add_argument("--lines", default=None,
+                        help='JSON {"turns": [...], "interruptions": [...]}: the caller\'s texts (default: a '
+                             "billing call)")
     parser.add_argument("--auth-token", default=None,
                         help="the server's access token (sent as a Bearer token; default $PERSONAPLEX_AUTH_TOKEN)")
     parser.add_argument("--out", default=None, help="results JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    turns, interruptions = read_lines(args.lines) if args.lines else (UTTERANCES, INTERRUPTIONS)
     config = LatencyConfig(
         url=args.url, calls=args.calls, concurrency=args.concurrency, turns=args.turns, text_prompt=args.text_prompt,
         voice_prompt=args.voice_prompt, seed=args.seed, lead_seconds=args.lead_seconds, max_wait=args.max_wait,
         barge_in=not args.no_barge_in, barge_after=args.barge_after, min_speech=args.min_speech,
         min_silence=args.min_silence, threshold_db=args.threshold_db, vad=args.vad,
         connect_timeout=args.connect_timeout, tts=args.tts, user_voice=args.user_voice,
+        turn_lines=turns, interruption_lines=interruptions,
         auth_token=args.auth_token or os.environ.get("PERSONAPLEX_AUTH_TOKEN")).validate()
     result = asyncio.run(run_calls(config))
     if args.out:
@@ -516,4 +540,6 @@ def format_summary(result: dict) -> str:
         line("response latency", result["response_latency"]), line("stop latency", result["stop_latency"]),
         f"turns {c['turns']}: {c['answered']} answered, {c['overlap']} overlapped, {c['no_response']} unanswered; "
         f"barge-ins: {c['barge_in_stopped']} stopped, {c['barge_in_did_not_stop']} did not stop; "
-        f"calls {c['calls']}, failed {c['failed_calls']}"])
+        f"calls {c['calls']}, failed {c['failed_calls']}"
+        + (f"; agent audio received {result['received_ratio']['mean']:.0%} of the calls' length"
+           if result["received_ratio"]["count"] else "")])
