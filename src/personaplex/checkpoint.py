@@ -9,6 +9,7 @@ header is checked against the model: a corrupt file, a missing tensor or a missh
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -20,7 +21,7 @@ from torch import nn
 
 from .adapter import lm_from_released, lm_to_released, mimi_from_released, mimi_to_released
 from .config import LMConfig, resolve_config
-from .errors import CheckpointError
+from .errors import CheckpointError, DeviceError
 from .hub import CONFIG_FILE, LM_FILE, CheckpointFiles, resolve_checkpoint
 from .lm import LMModel
 
@@ -29,6 +30,30 @@ Rename = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """`device` (default: cuda when available, else cpu), checked to exist on this machine (`DeviceError`)."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    if resolved.type in ("cpu", "meta"):  # meta: shapes only (tests, tools)
+        return resolved
+    if resolved.type == "mps" and torch.backends.mps.is_available():
+        return resolved
+    if resolved.type != "cuda":
+        raise DeviceError(f"device {str(device)!r} is not available here: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU found"
+        raise DeviceError(f"CUDA is not available on this machine (torch {torch.__version__}, {build}); "
+                          "use --device cpu")
+    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise DeviceError(f"there is no {resolved} on this machine ({torch.cuda.device_count()} GPU(s)): "
+                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return resolved
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -101,12 +126,32 @@ def save_from(model: nn.Module, path: Path, to_released: Rename, dtype: torch.dt
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[key] = t.contiguous().cpu()
+    return write_safetensors(state, path, metadata or {"format": "pt"})
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically (a `.partial` renamed into place: never a half-written file under
+    the real name) with the usual file mode (0644 under umask 022; safetensors alone creates files 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp), metadata=metadata or {"format": "pt"})
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~current_umask())
+    tmp.replace(path)
     return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (os.umask alone must set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 # -- LM -----------------------------------------------------------------------------------------------------
@@ -126,7 +171,7 @@ def load_lm(path: str | Path, config: LMConfig | str | dict | Path | None = None
     if config is None and config_file is not None and Path(config_file).is_file():
         config = Path(config_file)
     cfg = resolve_config(config)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = LMModel(cfg, dtype=dtype)
@@ -150,7 +195,7 @@ def load_mimi(path: str | Path, device: torch.device | str | None = None, num_co
 
     path = Path(path)
     weights = path if path.is_file() else resolve_checkpoint(str(path), need=("mimi",), **hub).mimi
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     with torch.device("meta"):
         mimi = Mimi(MimiConfig(num_codebooks=num_codebooks))
     load_into(mimi, weights, mimi_from_released, mimi_to_released, device, torch.float32)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 # Special text ids of the SentencePiece vocabulary, as used in the text stream.
 TEXT_EPAD = 0  # end of padding: the frame before a word starts
 TEXT_BOS = 1
@@ -51,13 +53,13 @@ class LMConfig:
     def __post_init__(self) -> None:
         self.delays = list(self.delays)
         if len(self.delays) != self.num_streams:
-            raise ValueError(f"delays has {len(self.delays)} entries, expected n_q + 1 = {self.num_streams}")
+            raise ConfigError(f"delays has {len(self.delays)} entries, expected n_q + 1 = {self.num_streams}")
         if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
-            raise ValueError("dim must be a multiple of num_heads (temporal and depformer)")
+            raise ConfigError("dim must be a multiple of num_heads (temporal and depformer)")
         if not 0 < self.dep_q <= self.n_q:
-            raise ValueError(f"dep_q must be in 1..n_q, got {self.dep_q}")
+            raise ConfigError(f"dep_q must be in 1..n_q, got {self.dep_q}")
         if not (self.depformer_multi_linear and self.depformer_weights_per_step):
-            raise ValueError("only depformer_multi_linear and depformer_weights_per_step models are supported")
+            raise ConfigError("only depformer_multi_linear and depformer_weights_per_step models are supported")
 
     # -- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -133,10 +135,10 @@ class LMConfig:
         }
         for key, supported in unsupported.items():
             if key in raw and raw[key] != supported:
-                raise ValueError(f"config.json: {key}={raw[key]!r} is not supported (only {supported!r})")
+                raise ConfigError(f"config.json: {key}={raw[key]!r} is not supported (only {supported!r})")
         for key in ("layer_scale", "depformer_layer_scale", "conditioners", "fuser", "cross_attention"):
             if raw.get(key):
-                raise ValueError(f"config.json: {key}={raw[key]!r} is not supported")
+                raise ConfigError(f"config.json: {key}={raw[key]!r} is not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
         if "depformer_dim_feedforward" not in raw and "depformer_dim" in raw:
@@ -168,7 +170,7 @@ PRESETS: dict[str, LMConfig] = {
 
 def get_preset(name: str) -> LMConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], delays=list(PRESETS[name].delays))
 
 
@@ -183,10 +185,10 @@ def resolve_config(config: "LMConfig | str | dict | Path | None", default: str =
     if isinstance(config, Path) or (isinstance(config, str) and config.endswith(".json")):
         path = Path(config)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}: pass a preset ({', '.join(PRESETS)}) or a config.json")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         return LMConfig.from_moshi_dict(raw)
     return get_preset(config)

@@ -9,6 +9,7 @@ web client) work against it unchanged.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from .config import SAMPLE_RATE, get_preset
-from .hub import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_DIR
+from .errors import OutputError
+from .hub import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_DIR, cache_root
 
 DEMO_VERSION = "3"  # bump whenever what build_demo_checkpoint writes changes
 MARKER = "DEMO_RANDOM_WEIGHTS.txt"
@@ -30,18 +32,24 @@ RELEASED_VOICE_ALIASES = {
     **{f"VARF{i}": "DEMO_HIGH" for i in range(5)}, **{f"VARM{i}": "DEMO_LOW" for i in range(5)},
 }
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PERSONAPLEX_CACHE", Path.home() / ".cache" / "personaplex"))
+log = logging.getLogger("personaplex.demo")
 
 
 def demo_checkpoint_dir(root: Path | None = None) -> Path:
     """The demo checkpoint's directory, built on first use (a few seconds; ~330 MB, mostly Mimi)."""
+    from .checkpoint import current_umask
+
     target = (root or cache_root()) / f"demo-v{DEMO_VERSION}"
     if not (target / MARKER).is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+        log.info("building the demo checkpoint in %s (first use; set PERSONAPLEX_CACHE to put it elsewhere)", target)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+        except OSError as error:
+            raise OutputError(f"cannot create the demo checkpoint in {target.parent} ({error.strerror or error}): "
+                              "set PERSONAPLEX_CACHE to a writable folder") from None
+        try:
+            os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700
             build_demo_checkpoint(staging, released_voice_names=True)
             if target.exists():  # an incomplete earlier build
                 shutil.rmtree(target)

@@ -12,18 +12,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import FRAME_SIZE, SAMPLE_RATE
+from .defaults import DEFAULT_TEXT_PROMPT, PREFERRED_VOICES, choose_voice  # noqa: F401 (choose_voice: re-export)
+from .errors import UsageError
 
 log = logging.getLogger("personaplex.offline")
 
-DEFAULT_TEXT_PROMPT = ("You are a wise and friendly teacher. Answer questions or provide advice in a clear and "
-                       "engaging way.")
-PREFERRED_VOICES = ("NATF2", "NATF0", "DEMO_LOW")
+# SamplingParams field -> the flag that sets it (for error messages in the flag's words).
+SAMPLING_FLAGS = {"text_temperature": "--temp-text", "text_topk": "--topk-text", "audio_temperature": "--temp-audio",
+                  "audio_topk": "--topk-audio", "seed": "--seed"}
 
 
 @dataclass
@@ -78,51 +79,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     persona.add_argument("--forget-persona", action="store_true",
                          help="let the prompt slide out of the 240 s context like the released code "
                               "(default: the prompt stays pinned)")
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temp-audio", type=float, default=0.8)
-    sampling.add_argument("--temp-text", type=float, default=0.7)
-    sampling.add_argument("--topk-audio", type=int, default=250)
-    sampling.add_argument("--topk-text", type=int, default=25)
-    sampling.add_argument("--greedy", action="store_true", help="argmax decoding")
+    sampling = parser.add_argument_group("sampling (the released defaults)")
+    sampling.add_argument("--temp-audio", type=float, default=0.8, help="temperature of the audio tokens (0-10)")
+    sampling.add_argument("--temp-text", type=float, default=0.7, help="temperature of the text tokens (0-10)")
+    sampling.add_argument("--topk-audio", type=int, default=250, help="audio tokens sampled among the k likeliest")
+    sampling.add_argument("--topk-text", type=int, default=25, help="text tokens sampled among the k likeliest")
+    sampling.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperatures and top-k)")
     sampling.add_argument("--seed", type=int, default=-1, help="seed for reproducible output (-1: random)")
     add_checkpoint_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def choose_voice(personas, requested: str | None) -> str | None:
-    if requested:
-        return requested
-    available = personas.available_voices()
-    for name in PREFERRED_VOICES:
-        if name in available:
-            return name
-    return available[0] if available else None
-
-
 def run(args: argparse.Namespace) -> int:
     from .audio import read_audio, write_wav
-    from .cli import open_checkpoint
-    from .engine import BatchEngine, Personas, SamplingParams
+    from .cli import open_checkpoint, output_file
+    from .engine import BatchEngine, Personas
+    from .voices import check_voices_dir
 
-    user = read_audio(args.input_wav)  # fail on a bad input before loading anything large
+    # Everything the user typed is checked before anything large is loaded.
+    user = read_audio(args.input_wav)
+    voices_dir = check_voices_dir(args.voice_prompt_dir)
+    params = sampling_params(args)
+    output_wav = output_file(args.output_wav, "--output-wav")
+    output_text = output_file(args.output_text, "--output-text") if args.output_text else None
     ckpt = open_checkpoint(args)
-    voices_dir = args.voice_prompt_dir or ckpt.files.voices_dir
-    personas = Personas(ckpt.lm, ckpt.mimi, ckpt.tokenizer, voices_dir, allow_paths=True)
+    personas = Personas(ckpt.lm, ckpt.mimi, ckpt.tokenizer, voices_dir or ckpt.files.voices_dir, allow_paths=True)
     voice = choose_voice(personas, args.voice_prompt)
-    params = SamplingParams(text_temperature=args.temp_text, text_topk=args.topk_text,
-                            audio_temperature=args.temp_audio, audio_topk=args.topk_audio,
-                            seed=None if args.seed < 0 else args.seed, greedy=args.greedy).validate()
     started = time.perf_counter()
     persona = personas.get(voice, args.text_prompt)
     log.info("persona ready in %.2f s: voice %s, prompt of %d frames", time.perf_counter() - started,
              voice or "(none)", persona.length)
     engine = BatchEngine(ckpt.lm, ckpt.mimi, max_batch=1, pin_prompt=not args.forget_persona)
     result = run_conversation(engine, persona, user, params, ckpt.tokenizer, progress=not args.no_progress)
-    write_wav(args.output_wav, result.pcm, SAMPLE_RATE)
-    if args.output_text:
-        Path(args.output_text).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_text).write_text(json.dumps(result.pieces, ensure_ascii=False))
+    write_wav(output_wav, result.pcm, SAMPLE_RATE)
+    if output_text:
+        output_text.write_text(json.dumps(result.pieces, ensure_ascii=False))
     duration = len(user) / SAMPLE_RATE
-    log.info("wrote %s (%.2f s of audio, %.2fx real time)%s", args.output_wav, duration,
-             duration / max(result.seconds, 1e-9), f" and {args.output_text}" if args.output_text else "")
+    log.info("wrote %s (%.2f s of audio, %.2fx real time)%s", output_wav, duration,
+             duration / max(result.seconds, 1e-9), f" and {output_text}" if output_text else "")
     return 0
+
+
+def sampling_params(args: argparse.Namespace):
+    """The sampling flags as `SamplingParams`, a bad value refused in the flag's words."""
+    from .engine import SamplingParams
+
+    params = SamplingParams(text_temperature=args.temp_text, text_topk=args.topk_text,
+                            audio_temperature=args.temp_audio, audio_topk=args.topk_audio,
+                            seed=None if args.seed < 0 else args.seed, greedy=args.greedy)
+    try:
+        return params.validate()
+    except ValueError as exc:
+        message = str(exc)
+        for field, flag in SAMPLING_FLAGS.items():
+            message = message.replace(field, flag)
+        raise UsageError(message) from None

@@ -122,14 +122,14 @@ class Personas:
         self._voices: OrderedDict[Hashable, VoicePrompt] = OrderedDict()
 
     def available_voices(self) -> list[str]:
-        from ..hub import list_voices
+        from ..voices import list_voices
 
         return list_voices(self.voices_dir) if self.voices_dir else []
 
     def voice_path(self, spec: str) -> Path:
         """The file of a voice: a name among the voices (`NATF2`, `NATF2.pt`), else, with `allow_paths`,
         an existing file path."""
-        from ..hub import find_voice
+        from ..voices import find_voice
 
         try:
             return find_voice(spec, self.voices_dir)
@@ -152,7 +152,8 @@ class Personas:
 
     def _load_voice(self, path: Path) -> VoicePrompt:
         from ..audio import read_audio
-        from .prompt import load_voice_file, voice_from_audio
+        from ..voices import load_voice_file
+        from .prompt import voice_from_audio
 
         if path.suffix == ".pt":
             return load_voice_file(path, self.lm)

@@ -16,21 +16,18 @@ silence frames, one frame per text token, 6 silence frames. Each frame is (text,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import FRAME_SIZE, SAMPLE_RATE, TEXT_PAD, LMConfig
+from ..config import SAMPLE_RATE, TEXT_PAD, LMConfig
 from ..errors import PersonaplexError
-from ..lm import LMModel
-from ..lm.layers import ZERO_TOKEN
 
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)  # Mimi codes of an all-zero frame
 SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)  # Mimi codes of a 440 Hz sine, amplitude 0.5
 SILENCE_FRAMES = 6  # int(0.5 s * 12.5 Hz)
 VOICE_LUFS = -24.0
-RING = 4  # slots of the released generator's token ring (`cache` of a .pt voice file)
+RING = 4  # slots of the released generator's token ring (`cache` of a .pt voice file, see voices.py)
 
 
 class VoicePromptError(PersonaplexError):
@@ -66,62 +63,6 @@ def voice_from_audio(mimi, pcm: np.ndarray, name: str = "") -> VoicePrompt:
     with torch.inference_mode():
         codes = mimi.encode(torch.from_numpy(pcm).to(device).view(1, 1, -1))[0]  # (K, F), last frame zero-padded
     return VoicePrompt(codes[:8].cpu().clone(), None, name)
-
-
-def load_voice_file(path: str | Path, lm: LMModel) -> VoicePrompt:
-    """A released PersonaPlex `.pt` voice file: {"embeddings": (F-1, 1, 1, dim), "cache": (1, 17, 4)}."""
-    path = Path(path)
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise VoicePromptError(f"{path}: not a readable voice file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict) or not {"embeddings", "cache"} <= set(data):
-        raise VoicePromptError(f"{path}: a voice file must hold 'embeddings' and 'cache' tensors")
-    emb, cache = data["embeddings"], data["cache"]
-    dim, streams = lm.config.dim, lm.config.num_streams
-    if not isinstance(emb, torch.Tensor) or emb.dim() != 4 or emb.shape[1:] != (1, 1, dim) or emb.shape[0] < 1:
-        raise VoicePromptError(f"{path}: embeddings must have shape (N, 1, 1, {dim}) for this model, "
-                               f"got {tuple(getattr(emb, 'shape', ()))} - a voice file of another model?")
-    if not isinstance(cache, torch.Tensor) or tuple(cache.shape) != (1, streams, RING):
-        raise VoicePromptError(f"{path}: cache must have shape (1, {streams}, {RING}), got {tuple(cache.shape)}")
-    frames = emb.shape[0] + 1
-    # The ring holds grid column F-1 (all streams) and, for delayed streams, column F.
-    last = cache[0, :, (frames - 1) % RING].long()
-    after = cache[0, :, frames % RING].long()
-    codes = torch.full((8, frames), ZERO_TOKEN, dtype=torch.long)
-    codes[0, -1] = last[1]  # semantic codebook (delay 0) of the last voice frame
-    codes[1:, -1] = after[2:9]  # acoustic codebooks (delay 1) of the last voice frame
-    codes[1:, -2] = last[2:9]  # frames >= 2: embeddings has at least one row
-    return VoicePrompt(codes, emb[:, 0, 0].to(lm.dtype), path.stem)
-
-
-def save_voice_file(path: str | Path, voice: VoicePrompt, lm: LMModel) -> Path:
-    """Write a voice prompt in the released `.pt` format (loadable by the released code)."""
-    if voice.embeddings is not None:
-        embeddings = voice.embeddings
-        if voice.codes.lt(0).any():
-            raise VoicePromptError("this voice was itself loaded from a .pt file; save the original file instead")
-    else:
-        embeddings = voice_embeddings(lm, voice)
-    frames = voice.num_frames
-    grid = lm.delay(prompt_frames(voice, [], lm.config)[None, :, :frames])[0]  # (17, F+1)
-    ring = torch.full((1, lm.config.num_streams, RING), -2, dtype=torch.long)
-    for col in range(max(0, frames - RING), frames):
-        ring[0, :, col % RING] = grid[:, col]
-    delayed = torch.tensor(lm.config.delays) > 0
-    ring[0, delayed, frames % RING] = grid[delayed, frames]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    emb = embeddings.to(torch.bfloat16).cpu().view(-1, 1, 1, lm.config.dim)
-    torch.save({"embeddings": emb, "cache": ring}, str(path))
-    return path
-
-
-def voice_embeddings(lm: LMModel, voice: VoicePrompt) -> torch.Tensor:
-    """Summed input embeddings of the voice steps (grid columns 0..F-2): (F-1, dim)."""
-    grid = lm.delay(prompt_frames(voice, [], lm.config)[None, :, : voice.num_frames].to(lm.device))
-    with torch.no_grad():
-        return lm.embed(grid[:, :, : voice.num_frames - 1])[0]
 
 
 def prompt_frames(voice: VoicePrompt | None, text_ids: list[int], config: LMConfig) -> torch.Tensor:

@@ -14,16 +14,21 @@ import logging
 import signal
 import ssl
 
+from ..errors import UsageError
+
 log = logging.getLogger("personaplex.server")
 
-CPU_MAX_CONVERSATIONS = 8
+# docs/performance.md measures one conversation in real time on 2 CPU cores (the demo model) and not two:
+# a CPU server steps one conversation unless told otherwise, so a second caller queues or is refused
+# instead of making every call stutter.
+CPU_MAX_CONVERSATIONS = 1
 GPU_MAX_CONVERSATIONS = 64
 GPU_MEMORY_SHARE = 0.85  # of the free memory after loading, at most, for the batch's KV cache by default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import add_checkpoint_args
-    from ..offline import DEFAULT_TEXT_PROMPT
+    from ..defaults import DEFAULT_TEXT_PROMPT
 
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
@@ -53,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_max_conversations(lm) -> int:
-    """8 on CPU; on GPU 64, or fewer if their KV caches would not fit in most of the free memory."""
+    """1 on CPU (what is measured in real time); on GPU 64 (an estimate, not measured), or fewer if their
+    KV caches would not fit in most of the free memory."""
     import torch
 
     if lm.device.type != "cuda":
@@ -74,7 +80,7 @@ def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = 
     """A `ChatServer` on a loaded checkpoint (its model loop starts with the app). `personas` may be shared
     between servers of the same checkpoint (tests), else one is made for `voices_dir`; never with paths."""
     from ..engine import BatchEngine, Personas
-    from ..offline import choose_voice
+    from ..defaults import choose_voice
     from .app import ChatServer, ServerSettings
     from .loop import TICK_SECONDS, ModelLoop
 
@@ -102,26 +108,28 @@ def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     if not cert and not key:
         return None
     if not (cert and key):
-        raise ValueError("--ssl-cert and --ssl-key go together: pass both (PEM files) or neither")
+        raise UsageError("--ssl-cert and --ssl-key go together: pass both (PEM files) or neither")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as error:
-        raise ValueError(f"cannot load the TLS certificate {cert} / key {key}: {error}") from None
+        raise UsageError(f"cannot load the TLS certificate {cert} / key {key}: {error}") from None
     return context
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import open_checkpoint
+    from ..voices import check_voices_dir
     from .app import ServerSettings
 
     for name in ("max_conversations", "queue", "max_prompt_chars"):
         value = getattr(args, name)
         if value is not None and value < (1 if name != "queue" else 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be {'at least 1' if name != 'queue' else '>= 0'}")
+            raise UsageError(f"--{name.replace('_', '-')} must be {'at least 1' if name != 'queue' else '>= 0'}")
     if not 0 <= args.port < 65536:
-        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     context = ssl_context(args.ssl_cert, args.ssl_key)
+    check_voices_dir(args.voice_prompt_dir)  # before the model loads
     ckpt = open_checkpoint(args)
     settings = ServerSettings(
         max_conversations=args.max_conversations or default_max_conversations(ckpt.lm),

@@ -154,15 +154,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_file(path: str | Path, model: nn.Module, config: LoRAConfig, base: str = "") -> Path:
     """Write the adapters alone (safetensors, fp32) with their configuration in the header."""
-    from safetensors.torch import save_file
+    from ..checkpoint import write_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": LORA_FORMAT, "lora": json.dumps(config.to_dict()), "base": base}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(lora_state_dict(model), str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_safetensors(lora_state_dict(model), path, meta)
 
 
 def load_lora_file(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor], str]:

@@ -141,28 +141,23 @@ class ConversationEncoder:
 
 
 def _save_voice(folder: Path, key: str, voice) -> None:
-    from safetensors.torch import save_file
+    from ..checkpoint import write_safetensors
 
     path = folder / VOICES_SUBDIR / f"{key}.safetensors"
     if path.is_file():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"codes": voice.codes.long().contiguous()}
     if voice.embeddings is not None:
         tensors["embeddings"] = voice.embeddings.to(torch.bfloat16).contiguous()  # the released files are bf16
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"name": voice.name or key})
-    tmp.replace(path)
+    write_safetensors(tensors, path, {"name": voice.name or key})
 
 
 def _write_shard(folder: Path, name: str, grids: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    from ..checkpoint import write_safetensors
 
     biggest = max(int(g.max()) for g in grids.values())
     dtype = torch.int16 if biggest < 2**15 else torch.int32
-    tmp = folder / (name + ".partial")
-    save_file({k: g.to(dtype).contiguous() for k, g in grids.items()}, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(folder / name)
+    write_safetensors({k: g.to(dtype).contiguous() for k, g in grids.items()}, folder / name, {"format": FORMAT})
 
 
 def prepare_dataset(source: str | Path, output: str | Path, mimi, tokenizer, config: LMConfig, voices_dir=None,
