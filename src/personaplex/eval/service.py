@@ -268,25 +268,20 @@ def transcribe_replies(dialogue: dict, agent: np.ndarray, asr) -> None:
 
 # -- judging -----------------------------------------------------------------------------------------------------
 JUDGE_SYSTEM = "You are a strict, careful evaluator of spoken customer-service conversations."
-JUDGE_PROMPT = """Below is a phone call between a caller and an AI customer-service agent. The call was full duplex (either side could talk at any time); the agent's words are {source}, so expect small transcription errors, and an empty reply means the agent said nothing.
-
-The agent's instructions:
-\"\"\"{text_prompt}\"\"\"
-
-What a good agent does in this call:
-{task}
-
-The call:
-{dialogue}
-
-Rate the agent on two scales, each an integer from 0 to 5:
-- Naturalness: does it speak like a fluent, natural human service agent: coherent, well-formed sentences, polite, concise enough for speech, answering when addressed? 0: no speech or gibberish; 5: fully natural.
-- Task adherence: does it stay in its role, use the information of its instructions correctly and do what the call needs, without inventing facts? 0: ignores its role and the caller; 5: does everything a good agent does.
-
-Answer in exactly this format:
-Analysis: <two or three sentences>
-Naturalness: <0-5>
-Task adherence: <0-5>"""
+JUDGE_PROMPT = (
+    "Below is a phone call between a caller and an AI customer-service agent. The call was full duplex (either "
+    "side could talk at any time); the agent's words are {source}, so expect small transcription errors, and an "
+    "empty reply means the agent said nothing.\n\n"
+    "The agent's instructions:\n\"\"\"{text_prompt}\"\"\"\n\n"
+    "What a good agent does in this call:\n{task}\n\n"
+    "The call:\n{dialogue}\n\n"
+    "Rate the agent on two scales, each an integer from 0 to 5:\n"
+    "- Naturalness: does it speak like a fluent, natural human service agent: coherent, well-formed sentences, "
+    "polite, concise enough for speech, answering when addressed? 0: no speech or gibberish; 5: fully natural.\n"
+    "- Task adherence: does it stay in its role, use the information of its instructions correctly and do what "
+    "the call needs, without inventing facts? 0: ignores its role and the caller; 5: does everything a good agent "
+    "does.\n\n"
+    "Answer in exactly this format:\nAnalysis: <two or three sentences>\nNaturalness: <0-5>\nTask adherence: <0-5>")
 
 
 def judge_prompt(scenario: Scenario, dialogue: dict, source: str) -> str:
