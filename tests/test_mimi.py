@@ -21,6 +21,7 @@ from personaplex.codec import (
     mimi_to_released,
 )
 from personaplex.checkpoint import load_mimi, save_mimi
+from personaplex.opcount import NoHostSync, count_ops
 
 loaders = pytest.importorskip("moshi.models.loaders")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -235,6 +236,125 @@ def test_snapshot_restore_and_batch_surgery(models):
     assert torch.equal(out, after[[1, 0]])
     alone = ours.encode_step(pcm[:1, :, FRAME : 2 * FRAME], rows[0])
     assert torch.equal(alone, after[:1])
+
+
+def _storage(stream) -> list[tuple[int, tuple[int, ...]]]:
+    return [(t.data_ptr(), tuple(t.shape)) for st in (stream.encoder_state, stream.decoder_state) for t, _ in st.tensors()]
+
+
+def test_state_is_updated_in_place(models):
+    """Steps and row operations write into the preallocated state: no tensor is replaced or reallocated."""
+    _, ours, _ = models
+    pcm = _signal(3, 3, seed=8)
+    stream, other = ours.stream(3), ours.stream(1)
+    before = _storage(stream)
+    snap = stream.snapshot()
+    for i in range(2):
+        stream.decode(stream.encode(pcm[..., i * FRAME : (i + 1) * FRAME]))
+    other.decode(other.encode(pcm[:1, :, :FRAME]))
+    stream.reset_row(1)
+    stream.copy_row(0, stream, 2)
+    stream.load_row(2, other)
+    stream.reset(torch.tensor([False, True, False]))
+    stream.restore(snap)
+    assert _storage(stream) == before
+    assert len(before) == 59  # encoder 32 (11 convs x 2, positions, 8 KV caches), decoder 27
+
+
+def test_row_operations_equal_a_fresh_or_the_source_stream(models):
+    _, ours, _ = models
+    pcm = _signal(3, 4, seed=9)
+    frame = lambda x, i: x[..., i * FRAME : (i + 1) * FRAME]  # noqa: E731
+    stream = ours.stream(3)
+    for i in range(2):
+        stream.decode(stream.encode(frame(pcm, i)))
+    single = ours.stream(1)  # row 2's signal alone, one frame in
+    single.decode(single.encode(frame(pcm[2:], 0)))
+
+    stream.reset_row(0)  # row 0: a fresh stream from frame 2 on
+    stream.copy_row(1, stream, 2)  # row 1: continues row 2's stream
+    stream.load_row(2, single)  # row 2: continues the batch-1 stream
+    x = torch.cat([frame(pcm[:1], 2), frame(pcm[2:], 2), frame(pcm[2:], 1)])
+    codes = stream.encode(x)
+    audio = stream.decode(codes)
+
+    fresh = ours.stream(1)
+    assert torch.equal(codes[:1], fresh.encode(x[:1]))
+    assert _rel(audio[:1], fresh.decode(codes[:1])) < 1e-5
+    source = ours.stream(1)  # row 2 of the first batch, replayed alone
+    for i in range(2):
+        source.decode(source.encode(frame(pcm[2:], i)))
+    assert torch.equal(codes[1:2], source.encode(x[1:2]))
+    assert _rel(audio[1:2], source.decode(codes[1:2])) < 1e-5
+    assert torch.equal(codes[2:], single.encode(x[2:]))
+    assert _rel(audio[2:], single.decode(codes[2:])) < 1e-5
+
+
+def test_state_from_inference_mode_is_usable_outside_it(models):
+    _, ours, _ = models
+    pcm = _signal(1, 2, seed=10)
+    with torch.inference_mode():
+        stream = ours.stream(1)
+        first = stream.encode(pcm[..., :FRAME])
+        snap = stream.snapshot()
+    assert not any(t.is_inference() for t, _ in stream.encoder_state.tensors())
+    second = stream.encode(pcm[..., FRAME:])  # stepped outside inference mode, in place
+    stream.restore(snap)
+    assert torch.equal(stream.encode(pcm[..., FRAME:]), second)
+    stream.reset_row(0)
+    assert torch.equal(stream.encode(pcm[..., :FRAME]), first)
+
+
+def test_row_operation_errors(models):
+    _, ours, _ = models
+    stream = ours.stream(2)
+    with pytest.raises(IndexError, match=r"row must be an int in \[0, 2\)"):
+        stream.reset_row(2)
+    with pytest.raises(IndexError, match="src_row"):
+        stream.copy_row(0, ours.stream(1), 1)
+    with pytest.raises(ValueError, match="use load_row"):
+        stream.encoder_state.restore(ours.init_encoder_state(1))
+    with pytest.raises(ValueError, match="differ in structure"):
+        stream.encoder_state.copy_row(0, ours.init_decoder_state(1), 0)
+
+
+@pytest.fixture(scope="module")
+def meta_mimi() -> Mimi:
+    with torch.device("meta"):
+        return Mimi(MimiConfig()).eval()
+
+
+def test_steps_run_on_meta_without_host_sync(meta_mimi):
+    """The released shape, built on the meta device: a step reads no value back and has no data-dependent
+    shape (the CPU-only range check of codes is skipped), and neither do the row operations."""
+    stream = meta_mimi.stream(4)
+    pcm = torch.empty(4, 1, 2 * FRAME, device="meta")
+    with NoHostSync():
+        codes = stream.encode(pcm)
+        audio = stream.decode(codes)
+        stream.reset_row(1)
+        stream.copy_row(0, stream, 3)
+        stream.load_row(2, meta_mimi.stream(1))
+        stream.reset(torch.tensor([True, False, False, True]))
+        audio = stream.decode(stream.encode(pcm[..., :FRAME]))
+    assert codes.shape == (4, 8, 2) and codes.dtype == torch.int64 and audio.shape == (4, 1, FRAME)
+
+
+# Non-view aten operations of one streaming encode + decode of an 80 ms frame at the released shape (see
+# personaplex.opcount for what counts; attention is one operation). 395 when written; was ~750.
+MAX_OPS_PER_TICK = 400
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_ops_per_tick(meta_mimi, batch):
+    stream = meta_mimi.stream(batch)
+    pcm = torch.empty(batch, 1, FRAME, device="meta")
+    codes = torch.zeros(batch, 8, 1, dtype=torch.long, device="meta")
+    stream.decode(stream.encode(pcm))  # first call: builds the codebook tables and rotary frequencies
+    counts = count_ops(lambda: stream.decode(stream.encode(pcm))) + count_ops(lambda: stream.decode(codes))
+    counts.subtract(count_ops(lambda: stream.decode(codes)))  # encode + decode, counted once each
+    total = sum(counts.values())
+    assert 300 < total <= MAX_OPS_PER_TICK, counts.most_common(12)
 
 
 def test_errors_say_what_was_expected(models):

@@ -81,3 +81,18 @@ def test_counts_and_checks_do_not_depend_on_inference_mode():
         assert count_ops(fn) == plain
         with pytest.raises(HostSyncError), NoHostSync():
             torch.empty(3, device="meta").cpu()
+
+
+def test_attention_counts_as_one_kernel_in_any_grad_mode():
+    q = torch.randn(2, 4, 3, 8)
+    mask = torch.zeros(2, 1, 3, 3)
+
+    def fn():
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask).mul(2)
+
+    expected = {"aten.scaled_dot_product_attention": 1, "aten.mul": 1}
+    assert count_ops(fn) == expected
+    with torch.no_grad():
+        assert count_ops(fn) == expected
+    with torch.inference_mode():
+        assert count_ops(fn) == expected

@@ -18,8 +18,8 @@ alias, detach, _unsafe_view, as_strided, view_as_complex, view_as_real, _reshape
 Every other operation is counted, in-place ones included.
 Composite operations (`matmul`, `linear`, `to`, `contiguous`, `layer_norm`, ...) are counted as the operations
 they run (`mm`, `_to_copy`, `clone`, `native_layer_norm`; nothing for a `to` or `contiguous` that has nothing
-to do), so a count is the same with or without `torch.inference_mode()`; except `WHOLE_OPS`
-(`scaled_dot_product_attention`), counted as the one fused kernel a GPU runs.
+to do), so a count is the same with or without `torch.inference_mode()`. `WHOLE_FUNCTIONS`
+(`F.scaled_dot_product_attention`) count as the one fused kernel a GPU runs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -60,9 +61,9 @@ VIEW_OPS = frozenset(
     }
 )
 
-# Composite operations counted as one: attention is one fused kernel on a GPU (flash / memory-efficient
-# attention), while on the CPU and meta devices it would decompose into its reference math.
-WHOLE_OPS = frozenset({"scaled_dot_product_attention"})
+# Functions counted as one operation: attention is one fused kernel on a GPU (flash / memory-efficient
+# attention), while on the CPU and meta devices it decomposes into its reference math (matmuls, softmax).
+WHOLE_FUNCTIONS = {torch.nn.functional.scaled_dot_product_attention: "aten.scaled_dot_product_attention"}
 
 # Operations whose result the host must wait for (a device-to-host read of a value).
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero"})
@@ -79,8 +80,6 @@ def _decompose(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict) ->
     `mode` seeing those, or return NotImplemented. Outside `inference_mode` the autograd layer decomposes them
     before any dispatch mode runs; inside it they reach the mode whole. Decomposing here makes the counts (and
     the sync checks) the same in both, and counts what really runs (`x.to(x.dtype)` runs nothing)."""
-    if func.overloadpacket.__name__ in WHOLE_OPS:
-        return NotImplemented
     if not func.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
         return NotImplemented
     with mode:
@@ -98,11 +97,33 @@ def is_view_op(func: Any) -> bool:
     return packet is not None and packet.__name__ in VIEW_OPS
 
 
+class _WholeFunctions(TorchFunctionMode):
+    """Sees `WHOLE_FUNCTIONS` at the Python level (before autograd decomposes them): counts one operation and
+    runs the function with the counter suspended."""
+
+    def __init__(self, counter: OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = WHOLE_FUNCTIONS.get(func)
+        if name is None or self.counter.suspended:
+            return func(*args, **kwargs)
+        self.counter.counts[name] += 1
+        self.counter.suspended += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.counter.suspended -= 1
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the non-view aten operations run inside it (`counts`), and the bytes their outputs allocate.
 
     `bytes_out` sums the outputs of operations that create new tensors (not in-place ones, whose name ends in
     `_`, and not `out=` variants): what a step materialises on top of its preallocated state.
+    `WHOLE_FUNCTIONS` (attention) count as one operation each, whatever they run inside.
     """
 
     def __init__(self, include_views: bool = False) -> None:
@@ -110,9 +131,30 @@ class OpCounter(TorchDispatchMode):
         self.include_views = include_views
         self.counts: Counter[str] = Counter()
         self.bytes_out = 0
+        self.suspended = 0
+        self._depth = 0
+        self._functions: _WholeFunctions | None = None
+
+    def __enter__(self):
+        if self._depth == 0:  # re-entered (without a second function mode) while decomposing
+            self._functions = _WholeFunctions(self)
+            self._functions.__enter__()
+        self._depth += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._functions is not None:
+                self._functions.__exit__(*exc)
+                self._functions = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.suspended:
+            return func(*args, **kwargs)
         out = _decompose(self, func, args, kwargs)
         if out is not NotImplemented:
             return out

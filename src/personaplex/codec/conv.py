@@ -45,6 +45,12 @@ def small_matmul(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return F.linear(rows, weight).t()
 
 
+def linear_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(rows, weight)` without bias, `(N, I) -> (N, O)`, with the fast small-N layout on the CPU
+    (then a transposed view; contiguous elsewhere)."""
+    return small_matmul(weight, rows).t()
+
+
 @dataclasses.dataclass
 class ConvState(StreamState):
     previous: torch.Tensor  # (B, C_in, context): input samples the next step still needs

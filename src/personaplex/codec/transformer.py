@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import linear_rows
 from .state import FRESH, StreamState, allocating
 
 # The position recorded for an empty slot: so far in the past that the window test rejects it.
@@ -30,8 +31,7 @@ EMPTY_SLOT = -(2**62)
 
 @dataclasses.dataclass
 class KVCache(StreamState):
-    keys: torch.Tensor  # (B, H, context, head_dim), slot = position % context
-    values: torch.Tensor  # (B, H, context, head_dim)
+    kv: torch.Tensor  # (B, 2, H, context, head_dim): keys, values; slot = position % context
 
 
 @dataclasses.dataclass
@@ -43,11 +43,14 @@ class TransformerState(StreamState):
     layers: list[KVCache] = dataclasses.field(default_factory=list)
 
 
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def rotate_pairs_(x: torch.Tensor, rotation: torch.Tensor) -> None:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (..., D) by `rotation` (complex64, broadcast to
-    (..., D/2)), in fp32: one complex product. Returns x's dtype, shape (..., D)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    (..., D/2)), in place and in fp32: one complex product (two more ops to convert for other dtypes)."""
+    if x.dtype == torch.float32:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
+    else:
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        x.copy_(torch.view_as_real(pairs * rotation).flatten(-2))
 
 
 class Attention(nn.Module):
@@ -57,20 +60,18 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)  # rows: q, k, v
         self.out_proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
 
-    def qkv(
-        self, rows: torch.Tensor, rotation: torch.Tensor, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """rows (B*T, dim) -> q, k (rotated), v, each (B, H, T, head_dim); rotation (B or 1, T, 1, 1, D/2)."""
-        qkv = F.linear(rows, self.in_proj.weight)  # (B*T, 3*dim), contiguous
+    def qkv(self, rows: torch.Tensor, rotation: torch.Tensor, batch: int) -> torch.Tensor:
+        """rows (B*T, dim) -> (B, T, 3, H, head_dim): q, k (rotated), v; rotation (B or 1, T, 1, 1, D/2)."""
+        qkv = linear_rows(rows, self.in_proj.weight).contiguous()  # (B*T, 3*dim)
         qkv = qkv.unflatten(0, (batch, -1)).unflatten(-1, (3, self.num_heads, -1))  # (B, T, 3, H, head_dim)
-        qk = apply_rope(qkv[:, :, :2], rotation)  # both at once
-        return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        rotate_pairs_(qkv[:, :, :2], rotation)  # q and k at once
+        return qkv
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """attn (B, H, T, head_dim) -> rows (B*T, dim)."""
         B, H, T, D = attn.shape
         rows = attn.transpose(1, 2).reshape(B * T, H * D)
-        return F.linear(rows, self.out_proj.weight)
+        return linear_rows(rows, self.out_proj.weight)
 
 
 class TransformerLayer(nn.Module):
@@ -88,8 +89,8 @@ class TransformerLayer(nn.Module):
         self.ffn_scale = nn.Parameter(torch.full((dim,), layer_scale, **factory))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(F.linear(self.ffn_norm(x), self.ffn_up.weight))
-        return torch.addcmul(x, self.ffn_scale, F.linear(h, self.ffn_down.weight))
+        h = F.gelu(linear_rows(self.ffn_norm(x), self.ffn_up.weight))
+        return torch.addcmul(x, self.ffn_scale, linear_rows(h, self.ffn_down.weight))
 
     def attend(self, rows: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual update of the attention branch: rows + attn_scale * out_proj(attn)."""
@@ -137,18 +138,12 @@ class MimiTransformer(nn.Module):
 
     def init_state(self, batch_size: int) -> TransformerState:
         p = self.layers[0].attn_scale
-        shape = (batch_size, self.num_heads, self.context, self.head_dim)
+        shape = (batch_size, 2, self.num_heads, self.context, self.head_dim)
         with allocating():
             return TransformerState(
                 position=torch.zeros(batch_size, dtype=torch.long, device=p.device),
                 slot_positions=torch.full((batch_size, self.context), EMPTY_SLOT, dtype=torch.long, device=p.device),
-                layers=[
-                    KVCache(
-                        torch.zeros(shape, device=p.device, dtype=p.dtype),
-                        torch.zeros(shape, device=p.device, dtype=p.dtype),
-                    )
-                    for _ in self.layers
-                ],
+                layers=[KVCache(torch.zeros(shape, device=p.device, dtype=p.dtype)) for _ in self.layers],
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +155,7 @@ class MimiTransformer(nn.Module):
         mask = (delta >= 0) & (delta < self.context)  # (T, T): query, key
         rows = x.reshape(B * T, self.dim)
         for layer in self.layers:
-            q, k, v = layer.attn.qkv(layer.attn_norm(rows), rotation, B)
+            q, k, v = layer.attn.qkv(layer.attn_norm(rows), rotation, B).transpose(1, 3).unbind(2)  # (B, H, T, D)
             rows = layer.attend(rows, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
             rows = layer.feed_forward(rows)
         return rows.reshape(B, T, self.dim)
@@ -179,13 +174,13 @@ class MimiTransformer(nn.Module):
         in_window = delta.div(self.context, rounding_mode="floor") == 0
         mask = in_window.to(x.dtype).log()[:, None]  # (B, 1, T, context)
         rotation = self._rotation(q_pos)
-        index = slots.view(B, 1, T, 1).expand(B, self.num_heads, T, self.head_dim)
+        index = slots.view(B, 1, 1, T, 1).expand(B, 2, self.num_heads, T, self.head_dim)
         rows = x.reshape(B * T, self.dim)
         for layer, cache in zip(self.layers, state.layers):
-            q, k, v = layer.attn.qkv(layer.attn_norm(rows), rotation, B)
-            cache.keys.scatter_(2, index, k)
-            cache.values.scatter_(2, index, v)
-            rows = layer.attend(rows, F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask))
+            qkv = layer.attn.qkv(layer.attn_norm(rows), rotation, B).permute(0, 2, 3, 1, 4)  # (B, 3, H, T, D)
+            cache.kv.scatter_(3, index, qkv[:, 1:])  # keys and values in one write
+            attn = F.scaled_dot_product_attention(qkv[:, 0], cache.kv[:, 0], cache.kv[:, 1], attn_mask=mask)
+            rows = layer.attend(rows, attn)
             rows = layer.feed_forward(rows)
         state.position.add_(T)
         return rows.reshape(B, T, self.dim)
