@@ -426,7 +426,9 @@ def run(args: argparse.Namespace) -> int:
         raise EvalError("--batch and --judge-tries must be at least 1, --max-seconds positive")
     timing = CallerTiming(lead=args.lead, reply_gap=args.reply_gap, max_reply=args.max_reply).validate()
     scenarios = select(load_scenarios(args.scenarios), args.only, args.limit, args.max_turns)
-    out = Path(args.out)
+    from ..cli import output_dir
+
+    out = output_dir(args.out, "--out")
     judge = Judge(config_from_args(args, out / "judge_cache"))  # bad judge flags fail before any model work
     backend = None
     if args.asr != "text":

@@ -67,7 +67,7 @@ class WavLMSpeakerEncoder:
                             "copy of a WavLMForXVector model such as microsoft/wavlm-base-plus-sv")
         try:
             model = WavLMForXVector.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the folder, it is the user's to fix
             raise EvalError(f"--speaker-model {directory}: cannot load a WavLMForXVector from it "
                             f"({str(exc).splitlines()[0]})") from exc
         if (directory / "preprocessor_config.json").is_file():
@@ -223,8 +223,7 @@ def voice_audio_path(spec: str, voices_dir: str | Path | None) -> Path:
     last frame only, not audio nor its codes, so it cannot be heard or embedded: an audio file with the same
     name beside it is used when there is one, else this asks for the recording.
     """
-    from ..hub import find_voice
-    from ..hub import VOICE_AUDIO_SUFFIXES
+    from ..voices import VOICE_AUDIO_SUFFIXES, find_voice
 
     path = Path(spec)
     if not path.is_file():
@@ -315,7 +314,10 @@ def run(args: argparse.Namespace) -> int:
     samples = collect_samples(args.outputs, args.fdb_root)
     voice = resolve_voice(args)
     reference = read_speech(voice, args.gate_db, args.min_speech)
-    encoder = load_encoder(args.speaker_backend, args.speaker_model, args.device, args.segment_seconds)
+    from ..checkpoint import resolve_device
+
+    device = str(resolve_device(args.device))
+    encoder = load_encoder(args.speaker_backend, args.speaker_model, device, args.segment_seconds)
     if args.speaker_backend == "resemblyzer":
         log.warning("%s", RESEMBLYZER_LABEL)
     result = score_samples(encoder, reference, samples, args.gate_db, args.min_speech,
