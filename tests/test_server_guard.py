@@ -45,6 +45,7 @@ async def guarded(checkpoint, personas, guard: GuardSettings | None = None, tls=
     runner = make_runner(server)
     await runner.setup()
     site = GuardedSite(runner, "127.0.0.1", 0, settings.guard, ssl_context=tls)
+    server.connection_counter = site.counter  # as `personaplex serve` does, for /metrics
     await site.start()
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as http:
@@ -147,6 +148,10 @@ def test_half_open_flood_is_capped_and_healthz_answers(checkpoint, personas):
             assert site.counter.total == 300 and site.counter.refused["total"] >= 10
             stranger = await asyncio.open_connection("127.0.0.1", site.port, local_addr=("127.0.0.9", 0))
             assert b"too many connections to this server" in await closed_within(stranger[0], 5)
+            async with http.get(base + "/metrics") as response:
+                metrics = await response.text()
+            assert "personaplex_open_sockets 300\n" in metrics  # the cap (this request's keep-alive included)
+            assert 'personaplex_sockets_refused_total{reason="per_ip"} 900' in metrics
             for _, writer in flood + more:
                 writer.close()
             await asyncio.sleep(0.3)
