@@ -156,3 +156,42 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
     assert parse_scores("Naturalness: 5\nTask adherence: 2") == {"naturalness": 5, "adherence": 2}
     assert parse_scores("Naturalness: 7\nTask adherence: 2") is None  # out of range
     assert parse_scores("Naturalness: 3") is None
+
+
+def test_asr_replies_are_gated_by_the_vad():
+    pytest.importorskip("silero_vad", reason="silero VAD is part of the eval extra")
+    from personaplex.eval.asr import Word
+    from personaplex.eval.service import transcribe_replies
+    from personaplex.train.synth import EspeakTTS, TTSError
+
+    try:
+        tts = EspeakTTS()
+    except TTSError as exc:
+        pytest.skip(f"espeak-ng is not available: {exc}")
+    from personaplex.audio import resample
+
+    utt = tts.synthesize("Your parcel arrives on Friday.", "en-us+f3")
+    speech = resample(utt.pcm, utt.sample_rate, 24_000)
+    agent = np.concatenate([speech, np.zeros(2 * 24_000, np.float32)])  # a reply, then a silent window
+
+    class StandInAsr:  # hears one word across whatever it is given, as an offline ASR does on silence
+        name = "stand-in"
+
+        def transcribe(self, wav16k):
+            return [Word("Friday", 0.0, len(wav16k) / 16_000)]
+
+    cut = len(speech) / 24_000
+    dialogue = {"turns": [{"reply_start": 0.0, "reply_end": cut}, {"reply_start": cut, "reply_end": cut + 2.0}]}
+    transcribe_replies(dialogue, agent, StandInAsr())
+    assert [t["agent"] for t in dialogue["turns"]] == ["Friday", ""]
+
+
+def test_a_long_call_is_cut(checkpoint, one_thread):
+    from personaplex.engine import Personas
+    from personaplex.eval.service import Scenario, run_calls
+
+    personas = Personas(checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer, checkpoint.files.voices_dir)
+    scenario = Scenario("long", "You sell bikes.", "DEMO_LOW", "Sell a bike.", ["Hello."])
+    audio = {"long": [np.full(10 * FRAME_SIZE, 0.1, np.float32)]}
+    (call,) = run_calls(checkpoint, personas, [scenario], audio, CallerTiming(lead=0.0), max_seconds=0.4)
+    assert len(call.tokens) == len(call.agent) == 5 and not call.caller.done  # 0.4 s: 5 frames, mid-turn

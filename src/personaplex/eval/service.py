@@ -256,13 +256,18 @@ def dialogue_of(call: Call, tokenizer) -> dict:
             "turns_spoken": len(spans), "turns": turns}
 
 
-def transcribe_replies(dialogue: dict, agent: np.ndarray, asr) -> None:
-    """Fill each turn's "agent" with what `asr` hears in its reply window of the agent's audio."""
-    from .vad import to_16k
+def transcribe_replies(dialogue: dict, agent: np.ndarray, asr, vad_gate: bool = True) -> None:
+    """Fill each turn's "agent" with what `asr` hears in its reply window of the agent's audio, keeping only
+    words that overlap silero VAD speech (as `eval fdb` does: offline ASRs invent words in silence)."""
+    from .asr import gate_words
+    from .vad import VAD_RATE, speech_seconds, to_16k
 
     for turn in dialogue["turns"]:
         a, b = int(turn["reply_start"] * SAMPLE_RATE), int(turn["reply_end"] * SAMPLE_RATE)
-        words = asr.transcribe(to_16k(agent[a:b], SAMPLE_RATE)) if b > a else []
+        wav16k = to_16k(agent[a:b], SAMPLE_RATE) if b > a else np.zeros(0, np.float32)
+        words = asr.transcribe(wav16k) if wav16k.size else []
+        if vad_gate and words:
+            words = gate_words(words, speech_seconds(wav16k, VAD_RATE))
         turn["agent"] = " ".join(w.text.strip() for w in words).strip()
 
 
