@@ -234,7 +234,10 @@ def test_a_failed_join_leaves_the_batch_as_it_was(checkpoint, personas, monkeypa
     with pytest.raises(RuntimeError, match="simulated"):
         engine.join(persona, SamplingParams(seed=2))
     monkeypatch.undo()
-    assert engine.active == 1 and engine.enc.batch_size == 1 and first.row == 0
+    assert engine.active == 1 and first.row == 0
+    kv = engine.state.kv  # the half-joined row is fresh again
+    assert not engine.rows.active_cpu[1] and kv.pos_cpu[1] == 0 and kv.pinned_cpu[1] == 0
+    assert bool((kv.slot_pos[1] == -1).all())
     assert len(engine.step(torch.zeros(1, 1920))) == 1
     other = BatchEngine(checkpoint.lm, checkpoint.mimi, max_batch=1).join(persona)
     assert other.id != first.id  # ids are unique across engines (a server may rebuild its engine)

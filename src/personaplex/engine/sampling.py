@@ -39,12 +39,37 @@ def _splitmix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+UNIFORM_BITS = 23  # (bits + 0.5) / 2^23 is exact in float32 and strictly inside (0, 1) for every pattern
+
+
+def stream_keys(seed: torch.Tensor, counter: torch.Tensor, streams: int) -> torch.Tensor:
+    """The random key of every (row, stream) of one frame: seed/counter (B,) int64 -> (B, streams)."""
+    base = _splitmix(seed * 0x2545F491 + counter)  # (B,)
+    return _splitmix(base[:, None] + torch.arange(streams, device=seed.device, dtype=torch.int64))
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^23) -> float32 in (0, 1): (bits + 0.5) / 2^23, exact for every pattern (the
+    extremes are 2^-24 and 1 - 2^-24)."""
+    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << UNIFORM_BITS))
+
+
+def uniform(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) float32 noise of token `ids` under `keys`: keys (...,) int64, ids (..., N) int64 with
+    the same leading shape (or broadcastable) -> (..., N). The value depends only on (key, id)."""
+    bits = _shr(_splitmix(keys[..., None] ^ (ids * _GOLDEN)), 64 - UNIFORM_BITS)
+    return uniform_from_bits(bits)
+
+
+def gumbel(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise -log(-log(u)) for token `ids` under `keys` (see `uniform`); always finite."""
+    return -torch.log(-torch.log(uniform(keys, ids)))
+
+
 def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, vocab: int) -> torch.Tensor:
-    """Uniform (0, 1) noise (B, vocab), float32, from per-row int64 seed and counter (B,)."""
-    key = _splitmix(_splitmix(seed * 0x2545F491 + counter) + stream)  # (B,)
-    ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
-    bits = _shr(_splitmix(key[:, None] ^ (ids * _GOLDEN)), 40)  # 24 random bits
-    return (bits.to(torch.float32) + 0.5) / float(1 << 24)
+    """Uniform (0, 1) noise (B, vocab), float32, of stream `stream` from per-row int64 seed and counter (B,)."""
+    keys = stream_keys(seed, counter, stream + 1)[:, stream]
+    return uniform(keys, torch.arange(vocab, device=seed.device, dtype=torch.int64))
 
 
 @dataclass
@@ -72,20 +97,56 @@ class SamplingParams:
         return self
 
 
+def _top_mask(topk: torch.Tensor, kmax: int) -> torch.Tensor:
+    """(B,) top-k -> (B, kmax) additive mask: 0 for the first top-k candidates of a row, -inf after."""
+    keep = torch.arange(kmax, device=topk.device) < topk[:, None]
+    return torch.zeros(keep.shape, device=topk.device).masked_fill_(~keep, float("-inf"))
+
+
+def _draw(logits: torch.Tensor, kmax: int, inv_temp: torch.Tensor, mask: torch.Tensor, noise_of) -> torch.Tensor:
+    """argmax over the top-kmax of logits / T + Gumbel noise (masked beyond each row's top-k): a draw from
+    softmax(logits / T) restricted to the top k. `noise_of(index)` gives the (already scaled) noise."""
+    values, index = logits.float().topk(kmax, dim=-1)  # (B, kmax), sorted: a greedy row (no noise) takes index 0
+    scores = values * inv_temp + noise_of(index) + mask
+    return index.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+
+
+class FrameSampler:
+    """Temperature / top-k sampling of one frame's streams for a batch of rows, prepared once per frame.
+
+    temperature, topk: (B, 2) per row for (text, audio); seed, counter: (B,) int64; kmax: (text, audio) python
+    ints, each >= every row's top-k and <= the vocabulary (static shapes: no device sync to find them).
+    `sampler(logits, k)` draws stream k (0: text, 1..audio_streams: audio codebooks). The audio streams' noise
+    is drawn here for the whole vocabulary at once (one hash for every codebook), the text stream's only for
+    its top-k ids; either way the noise of a token is a function of (seed, frame, stream, token id) alone, the
+    same as `sample` draws. Rows with temperature <= 0 or top-k 1 take the most likely token.
+    """
+
+    def __init__(self, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
+                 kmax: tuple[int, int], audio_streams: int, audio_vocab: int) -> None:
+        self.kmax = kmax
+        self.keys = stream_keys(seed, counter, 1 + audio_streams)  # (B, 1 + S)
+        self.inv_temp = 1.0 / temperature.clamp(min=1e-5)  # (B, 2)
+        self.noise_scale = ((temperature > 0) & (topk > 1)).to(torch.float32)  # (B, 2): 0 where greedy
+        self.masks = [_top_mask(topk[:, i], k) for i, k in enumerate(kmax)]
+        ids = torch.arange(audio_vocab, device=seed.device, dtype=torch.int64)
+        self.audio_noise = gumbel(self.keys[:, 1:], ids) * self.noise_scale[:, 1, None, None]  # (B, S, V)
+
+    def __call__(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        if k == 0:
+            noise_of = lambda index: gumbel(self.keys[:, 0], index) * self.noise_scale[:, :1]  # noqa: E731
+            return _draw(logits, self.kmax[0], self.inv_temp[:, :1], self.masks[0], noise_of)
+        noise = self.audio_noise[:, k - 1]
+        return _draw(logits, self.kmax[1], self.inv_temp[:, 1:], self.masks[1], lambda index: noise.gather(1, index))
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, seed: torch.Tensor,
            counter: torch.Tensor, stream: int, kmax: int | None = None) -> torch.Tensor:
-    """Draw one token per row. logits (B, V); temperature (B,) float, topk (B,) int, seed/counter (B,) int64.
-    Rows with temperature <= 0 or topk == 1 take the argmax. `kmax` (>= every row's top-k) spares a device
-    sync when the caller knows it."""
-    B, V = logits.shape
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
-    kmax = min(int(topk.max()) if kmax is None else kmax, V)
-    top_values, top_index = logits.topk(kmax, dim=-1)  # (B, kmax), sorted
-    keep = torch.arange(kmax, device=logits.device)[None, :] < topk[:, None]
-    temp = temperature.clamp(min=1e-5)[:, None]
-    noise = uniform_noise(seed, counter, stream, V).gather(1, top_index)
-    gumbel = -torch.log(-torch.log(noise))
-    scores = torch.where(keep, top_values / temp + gumbel, float("-inf"))
-    sampled = top_index.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
-    return torch.where((temperature <= 0) | (topk <= 1), greedy, sampled)
+    """Draw one token per row of stream `stream`. logits (B, V); temperature (B,) float, topk (B,) int,
+    seed/counter (B,) int64. Rows with temperature <= 0 or topk == 1 take the most likely token. `kmax`
+    (>= every row's top-k) spares a device sync when the caller knows it."""
+    kmax = min(int(topk.max()) if kmax is None else kmax, logits.shape[-1])
+    keys = stream_keys(seed, counter, stream + 1)[:, stream]
+    scale = ((temperature > 0) & (topk > 1)).to(torch.float32)[:, None]
+    inv_temp = (1.0 / temperature.clamp(min=1e-5))[:, None]
+    return _draw(logits, kmax, inv_temp, _top_mask(topk, kmax), lambda index: gumbel(keys, index) * scale)
