@@ -122,6 +122,23 @@ def test_settings_checked_and_descriptors():
     assert fitting_max_connections(100, -1) == 100
 
 
+def test_client_addresses_counted_per_ipv4_address_and_ipv6_network():
+    from personaplex.server.guard import client_ip
+
+    class Peer:
+        def __init__(self, *peer):
+            self.peer = peer
+
+        def get_extra_info(self, name):
+            return self.peer if name == "peername" else None
+
+    assert client_ip(Peer("203.0.113.7", 5000)) == "203.0.113.7"
+    assert client_ip(Peer("::ffff:203.0.113.7", 5000, 0, 0)) == "203.0.113.7"
+    assert client_ip(Peer("2001:db8:1:2:aaaa::1", 5000, 0, 0)) == client_ip(Peer("2001:db8:1:2::ffff", 1, 0, 0)) \
+        == "2001:db8:1:2::/64"
+    assert client_ip(Peer("::1", 5000, 0, 0)) == "::1"
+
+
 # -- connections -----------------------------------------------------------------------------------------------
 def test_half_open_flood_is_capped_and_healthz_answers(checkpoint, personas):
     """1,000 sockets that never send a request: one address gets its 100, the rest are refused at once with a

@@ -137,14 +137,19 @@ class ConnectionCounter:
 
 
 def client_ip(transport: asyncio.BaseTransport) -> str:
+    """The client address a socket counts against: its IPv4 address, or its IPv6 /64 network (one IPv6 host
+    usually holds a whole /64, so counting single addresses would bound nothing)."""
     peer = transport.get_extra_info("peername")
     host = peer[0] if isinstance(peer, (tuple, list)) and peer else str(peer or "?")
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        if not address.is_loopback:
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
 
 
@@ -506,6 +511,6 @@ async def strip_banner(request: web.Request, response: web.StreamResponse) -> No
     response.headers[hdrs.SERVER] = SERVER_HEADER
 
 
-__all__ = ["GuardSettings", "GuardError", "GuardedSite", "ThrottledLog", "check_settings", "middlewares",
-           "strip_banner", "host_allowed", "origin_allowed", "raise_nofile_limit", "fitting_max_connections",
-           "SERVER_HEADER"]
+__all__ = ["GuardSettings", "GuardError", "GuardedSite", "ThrottledLog", "check_settings", "client_ip",
+           "middlewares", "strip_banner", "host_allowed", "origin_allowed", "raise_nofile_limit",
+           "fitting_max_connections", "SERVER_HEADER"]
