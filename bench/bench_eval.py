@@ -4,7 +4,7 @@ Runs the generation step (the same `generate()` the command uses) over N synthet
 (speech-like input at 16 kHz, as FDB's inputs), once per batch size, on the demo checkpoint by default (tiny
 LM with random weights, full-size Mimi) or on --checkpoint. Prints one line per batch size and a markdown row.
 
-    .venv/bin/python bench/bench_eval.py                  # demo model, 8 samples of 4 s, batch 1 and 8
+    .venv/bin/python bench/bench_eval.py                  # demo model, 8 samples of 2 s, batch 1 and 8
     .venv/bin/python bench/bench_eval.py --checkpoint DIR --device cuda --samples 32 --seconds 20
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,10 +47,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the demo checkpoint)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
 
     import torch
 

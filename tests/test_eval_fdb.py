@@ -403,3 +403,67 @@ def test_end_to_end_on_the_demo_checkpoint_resumes(demo_dir, tmp_path, monkeypat
     assert 0.0 <= got["TOR"] <= 1.0 and (tmp_path / "out" / "report.md").is_file()
     assert eval_fdb(*args) == 0  # everything done: nothing generated or transcribed again
     assert results(tmp_path / "out", "smooth_turn_taking")["settings"]["generated"] == 0
+
+
+def tiny_random_whisper(folder: Path) -> Path:
+    """A tiny English-only Whisper with random weights (transformers), converted to CTranslate2 (the format
+    faster-whisper loads), with a byte-level tokenizer of Whisper's special tokens. Built offline in seconds."""
+    import torch
+    from ctranslate2.converters import TransformersConverter
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    vocab: dict[str, int] = {}
+    for piece in sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġhello", "Ġworld", "Ġyes", "Ġyeah"]:
+        vocab.setdefault(piece, len(vocab))
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
+                "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"] + [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    for piece in specials:
+        vocab[piece] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(specials)
+    hf = folder / "hf"
+    hf.mkdir(parents=True)
+    tokenizer.save(str(hf / "tokenizer.json"))
+    torch.manual_seed(0)
+    end, start = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"]
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=len(vocab), num_mel_bins=80, encoder_layers=1, encoder_attention_heads=2, decoder_layers=1,
+        decoder_attention_heads=2, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=end,
+        bos_token_id=end, eos_token_id=end, decoder_start_token_id=start))
+    gen = model.generation_config
+    gen.alignment_heads, gen.no_timestamps_token_id = [[0, 0], [0, 1]], vocab["<|notimestamps|>"]
+    gen.suppress_tokens, gen.begin_suppress_tokens, gen.is_multilingual = [], [end], False
+    model.save_pretrained(hf)
+    out = folder / "ct2"
+    TransformersConverter(str(hf)).convert(str(out), force=True)
+    (out / "tokenizer.json").write_bytes((hf / "tokenizer.json").read_bytes())
+    return out
+
+
+def test_whisper_adapter_on_a_tiny_random_model(fixtures, tmp_path):
+    """The faster-whisper backend end to end on a random model: its words are noise, but the adapter's calls,
+    word timestamps, the crop offset and the VAD gate are real (real weights cannot be downloaded here)."""
+    pytest.importorskip("faster_whisper")
+    pytest.importorskip("transformers")
+    import soundfile as sf
+
+    from personaplex.eval.asr import WhisperAsr, transcribe_output
+    from personaplex.eval.vad import speech_seconds
+
+    asr = WhisperAsr(str(tiny_random_whisper(tmp_path)))
+    wav, rate = sf.read(str(fixtures["backchannel"] / "3" / "output.wav"), dtype="float32")
+    raw = transcribe_output(asr, wav, rate, offset=2.0, vad_gate=False)
+    gated = transcribe_output(asr, wav, rate, offset=2.0)
+    speech = [(s + 2.0, e + 2.0) for s, e in speech_seconds(wav[2 * rate:], rate)]
+    for out in (raw, gated):
+        assert out["text"] == " ".join(c["text"] for c in out["chunks"])
+        for c in out["chunks"]:
+            s, e = c["timestamp"]
+            assert 2.0 <= s <= e <= len(wav) / rate + 1e-6
+    for c in gated["chunks"]:  # every gated word lies inside VAD speech
+        s, e = c["timestamp"]
+        assert any(a - 1e-6 <= s and e <= b + 1e-6 for a, b in speech), (c, speech)
+    assert raw["chunks"], "the random model produced no words at all: the adapter is not exercised"
