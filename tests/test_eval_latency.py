@@ -212,3 +212,21 @@ def test_against_the_demo_server(checkpoint, tmp_path, capsys, one_thread):
                 assert 0 < turn["response"]["latency"] <= 1.0
     assert result["handshake"]["count"] == 2 and 0 < result["received_ratio"]["mean"] <= 1.2
     assert "response latency" in capsys.readouterr().out
+
+
+def test_silero_frames_follow_the_speech():
+    pytest.importorskip("silero_vad", reason="silero VAD is part of the eval extra")
+    from personaplex.audio import resample
+    from personaplex.train.synth import EspeakTTS, TTSError
+
+    try:
+        utt = EspeakTTS().synthesize("Thank you for calling, how can I help?", "en-us+f3")
+    except TTSError as exc:
+        pytest.skip(f"espeak-ng is not available: {exc}")
+    speech = resample(utt.pcm, utt.sample_rate, RATE)
+    pcm = np.concatenate([np.zeros(RATE, np.float32), speech, np.zeros(RATE, np.float32)])
+    voiced = voiced_frames(pcm, "silero", -40.0)
+    first, last = np.flatnonzero(voiced)[[0, -1]]
+    # speech from 1.0 s to 1.0 s + its length, in 20 ms frames (silero pads segments by 30 ms)
+    assert abs(first * 0.02 - 1.0) < 0.15 and abs((last + 1) * 0.02 - (1.0 + len(speech) / RATE)) < 0.25
+    assert not voiced[:40].any() and not voiced[-40:].any()
