@@ -61,6 +61,13 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     group.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                        help="LM weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    group.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
+                       help="weight-only quantisation of the LM's linear layers while loading (torchao; "
+                            "--dtype stays the activation dtype): int8 halves the weights, fp8 needs a GPU "
+                            "of compute capability >= 8.9")
+    group.add_argument("--offload", action="store_true",
+                       help="keep the temporal layers in host memory and stream them to the GPU ahead of use "
+                            "(GPUs too small for the weights; far slower than real time)")
 
 
 def open_checkpoint(args: argparse.Namespace):
@@ -72,6 +79,7 @@ def open_checkpoint(args: argparse.Namespace):
     device = resolve_device(args.device)  # a missing GPU is said before anything is read
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_checkpoint(args.checkpoint, config=args.config, device=device, dtype=dtype,
+                           quantize=getattr(args, "quantize", None), offload=getattr(args, "offload", False),
                            revision=args.hf_revision, demo=args.demo)
 
 
@@ -129,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: dim {c.dim}, {c.num_layers} layers, {c.num_heads} heads, context {c.context}, "
           f"n_q {c.n_q}, dep_q {c.dep_q}, {format_count(ckpt.lm.num_parameters())} parameters, "
           f"{ckpt.lm.dtype} on {ckpt.lm.device}")
+    from .quantize import memory_summary
+
+    print(f"weights: {memory_summary(ckpt.lm)}")
     print(f"text tokenizer: {ckpt.tokenizer.vocab_size} pieces")
     voices = list_voices(files.voices_dir) if files.voices_dir else []
     print(f"voices: {', '.join(voices) if voices else '(none)'}")

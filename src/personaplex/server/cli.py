@@ -81,6 +81,7 @@ def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = 
     between servers of the same checkpoint (tests), else one is made for `voices_dir`; never with paths."""
     from ..engine import BatchEngine, Personas
     from ..defaults import choose_voice
+    from ..quantize import weights_info
     from .app import ChatServer, ServerSettings
     from .loop import TICK_SECONDS, ModelLoop
 
@@ -100,7 +101,7 @@ def build_server(checkpoint, settings=None, voices_dir=None, pin_prompt: bool = 
     info = {"source": str(checkpoint.files.source), "dim": c.dim, "num_layers": c.num_layers,
             "num_heads": c.num_heads, "context": c.context, "n_q": c.n_q, "dep_q": c.dep_q,
             "parameters": lm.num_parameters(), "dtype": str(lm.dtype).replace("torch.", ""),
-            "device": str(lm.device), "pinned_prompt": pin_prompt}
+            "device": str(lm.device), "pinned_prompt": pin_prompt, "weights": weights_info(lm)}
     return ChatServer(model_loop, personas, checkpoint.tokenizer, settings, model_info=info)
 
 
