@@ -18,7 +18,7 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned, so nothing below can pull another build.
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[test,eval]"
+"${PIP[@]}" -e ".[test,eval,quant]"
 # The reference implementation, used only by the tests as an oracle. It pins an older torch: no deps.
 "${PIP[@]}" --no-deps "moshi==0.2.13"
 exec .venv/bin/python -m pytest "$@"
