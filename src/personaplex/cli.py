@@ -65,6 +65,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                        help="weight-only quantisation of the LM's linear layers while loading (torchao; "
                             "--dtype stays the activation dtype): int8 halves the weights, fp8 needs a GPU "
                             "of compute capability >= 8.9")
+    group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="step the model eagerly on a GPU instead of replaying a CUDA graph of each tick "
+                            "(the same output; for debugging and profiling)")
     group.add_argument("--offload", action="store_true",
                        help="keep the temporal layers in host memory and stream them to the GPU ahead of use "
                             "(GPUs too small for the weights; far slower than real time)")

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     persona = personas.get(voice, args.text_prompt)
     log.info("persona ready in %.2f s: voice %s, prompt of %d frames", time.perf_counter() - started,
              voice or "(none)", persona.length)
-    engine = BatchEngine(ckpt.lm, ckpt.mimi, max_batch=1, pin_prompt=not args.forget_persona)
+    engine = BatchEngine(ckpt.lm, ckpt.mimi, max_batch=1, pin_prompt=not args.forget_persona,
+                         cuda_graphs=None if getattr(args, "cuda_graphs", True) else False)
     result = run_conversation(engine, persona, user, params, ckpt.tokenizer, progress=not args.no_progress)
     write_wav(output_wav, result.pcm, SAMPLE_RATE)
     if output_text:
