@@ -203,9 +203,12 @@ def test_conversation_audio_and_text_both_ways(checkpoint, personas):
     fed: list[np.ndarray] = []
     tokens: list[int] = []
 
+    slots = []
+
     def on_frame(slot, index, user, result):
         fed.append(user.copy())
         tokens.append(result.text_token)
+        slots[:] = [slot]
 
     async def main():
         async with serving(checkpoint, personas, on_frame=on_frame) as (server, base, http):
@@ -220,6 +223,7 @@ def test_conversation_audio_and_text_both_ways(checkpoint, personas):
         return client, elapsed
 
     client, elapsed = asyncio.run(main())
+    dropped_in = slots[0].input.dropped_samples
     assert elapsed > 20 * 0.08 * 0.8  # real-time pacing, not as fast as possible
     assert client.audio[0].startswith(b"OggS")
     pcm = client.decoded_audio()
@@ -229,7 +233,12 @@ def test_conversation_audio_and_text_both_ways(checkpoint, personas):
     reader = sphn.OpusStreamReader(RATE)
     sent = _strip_zeros(np.concatenate([reader.append_bytes(p) for p in client.sent_pages]))
     heard = _strip_zeros(np.concatenate(fed))
-    assert len(heard) > 0.5 * len(sent) and np.array_equal(heard, sent[: len(heard)])
+    assert len(heard) > 0.5 * len(sent)
+    if not dropped_in:
+        assert np.array_equal(heard, sent[: len(heard)])
+    else:  # a loaded machine made the input buffer drop a backlog (counted): exact up to there
+        first = np.flatnonzero(heard != sent[: len(heard)])[0]
+        assert first >= FRAME_SIZE and np.array_equal(heard[:first], sent[:first])
     # one text message per text token that is not PAD/EPAD, in order
     expected = [checkpoint.tokenizer.piece(t) for t in tokens if t not in (TEXT_PAD, TEXT_EPAD)]
     expected = [p for p in expected if p]

@@ -11,23 +11,29 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, TEXT_EPAD, TEXT_PAD
 from ..engine import EngineFullError, Personas, SamplingParams
 from ..errors import PersonaplexError, VoiceNotFoundError
 from ..hub import VOICE_SUFFIXES
-from . import protocol
+from . import guard, protocol
+from .guard import GuardSettings
 from .loop import Admission, InputBuffer, ModelLoop, Slot, Waiter
+from .ogg import STARVE_BYTES, OggFilter
+from .opus import CodecPool
 
 log = logging.getLogger("personaplex.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
+MAX_MESSAGE_BYTES = 1 << 20  # the largest websocket message accepted (1 MiB, that size included)
+MAX_AUDIO_MESSAGE_BYTES = 64 * 1024  # the largest 0x01 audio message decoded (a page is ~100-400 bytes)
+DRAINING_MESSAGE = "server is draining: it takes no new calls before it stops; connect to another server"
 MISSING_CLIENT_PAGE = """<!doctype html><meta charset="utf-8"><title>PersonaPlex</title>
 <p>The PersonaPlex server is running, but its web client is missing (no <code>static/index.html</code> in the
 package). Connect a client to <code>/api/chat</code>, or reinstall the package.</p>
@@ -46,6 +52,11 @@ class ServerSettings:
     demo: bool = False
     heartbeat_seconds: float | None = 30.0  # websocket pings; a peer that never answers is closed
     idle_timeout_seconds: float | None = 60.0  # a caller sending no audio this long loses its row
+    codec_workers: int = 1  # Opus codec processes (opus.py); 0: the codec runs on the event loop
+    drain_seconds: float = 30.0  # on SIGTERM, calls in progress may go on this long before being closed
+    queue_timeout_seconds: float | None = 120.0  # a queued caller waiting this long is told so and closed
+    static_dir: Path | None = None  # another web client build to serve instead of the built-in one
+    guard: GuardSettings = field(default_factory=GuardSettings)  # who may connect, and how much (guard.py)
 
 
 class Outbox:
@@ -77,7 +88,7 @@ class Outbox:
                 self.frames -= 1
                 self.dropped += 1
         self.items.append([pcm, piece])
-        self.frames += 1
+        self.frames += pcm is not None
         self.ready.set()
 
 
@@ -88,15 +99,15 @@ class ChatSession:
 
     def __init__(self, server: "ChatServer", ws: web.WebSocketResponse, request: web.Request) -> None:
         self.server, self.ws, self.request = server, ws, request
-        self.name = f"#{next(self._numbers)} ({request.remote})"
+        self.name = f"#{next(self._numbers)}"  # the call's id in every log line about it (loop.py too)
         settings = server.settings
         self.outbox = Outbox(settings.output_buffer_frames)
         self.slot: Slot | None = None
         self.joined = False
         self.admitted = False
         self.waiter: Waiter | None = None
-        self.opus_in = sphn.OpusStreamReader(SAMPLE_RATE)
-        self.opus_out = sphn.OpusStreamWriter(SAMPLE_RATE)
+        self.ogg = OggFilter()  # caller audio is checked and re-paged here, decoded in a codec worker
+        self.codec = server.codec.open(self._on_pcm, self._on_codec_error)
         self.reader: asyncio.Task | None = None
         self.sender: asyncio.Task | None = None
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()  # the model dropped us
@@ -110,12 +121,16 @@ class ChatSession:
             voice = resolve_voice(server.personas, request.voice)
         except (protocol.ProtocolError, VoiceNotFoundError) as error:
             server.counters["rejected_bad_request"] += 1
-            log.info("conversation %s refused: %s", self.name, error)
+            log.info("conversation %s (%s) refused: %s", self.name, self.request.remote, error)
             await self.close_with_error(str(error), WSCloseCode.POLICY_VIOLATION)
+            return
+        if server.draining:
+            server.counters["rejected_draining"] += 1
+            await self.close_with_error(DRAINING_MESSAGE, WSCloseCode.TRY_AGAIN_LATER)
             return
         self.slot = Slot(voice, request.text_prompt, request.params, deliver=self._on_frame,
                          input=InputBuffer(int(server.settings.input_buffer_seconds * SAMPLE_RATE)),
-                         failed=self._on_failed)
+                         failed=self._on_failed, name=self.name)
         self.sender = asyncio.create_task(self._send_loop())
         self.reader = asyncio.create_task(self._read_loop())
         if not await self._admit():
@@ -135,8 +150,8 @@ class ChatSession:
         except ConnectionResetError:
             return
         self._mark_joined()
-        log.info("conversation %s started: voice %s, prompt of %d characters, seed %s", self.name,
-                 voice, len(request.text_prompt), request.params.seed)
+        log.info("conversation %s (%s) started: voice %s, prompt of %d characters, seed %s", self.name,
+                 self.request.remote, voice, len(request.text_prompt), request.params.seed)
         await asyncio.wait({self.reader, self.sender, self.ended}, return_when=asyncio.FIRST_COMPLETED)
         if self.ended.done():
             await self.close_with_error(self.ended.result())
@@ -154,13 +169,27 @@ class ChatSession:
             await self.close_with_error(f"server full: {admission.active} conversations in progress, try again "
                                         "later", WSCloseCode.TRY_AGAIN_LATER)
             return False
+        limit = self.server.settings.queue_timeout_seconds
+        deadline = asyncio.get_running_loop().time() + limit if limit else None
         while True:
             self.outbox.put(protocol.metadata_message(
                 {"status": "queued", "queue_position": waiter.position, "queue_length": len(admission.waiting)}))
             waiter.moved.clear()
             moved = asyncio.create_task(waiter.moved.wait())
-            await asyncio.wait({waiter.admitted, moved, self.reader}, return_when=asyncio.FIRST_COMPLETED)
+            left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait({waiter.admitted, moved, self.reader}, timeout=left,
+                               return_when=asyncio.FIRST_COMPLETED)
             moved.cancel()
+            if self.server.draining and not waiter.admitted.done():  # begin_drain woke us
+                self.server.counters["rejected_draining"] += 1
+                await self.close_with_error(DRAINING_MESSAGE, WSCloseCode.TRY_AGAIN_LATER)
+                return False
+            if not waiter.admitted.done() and deadline is not None and \
+                    asyncio.get_running_loop().time() >= deadline:
+                self.server.counters["rejected_queue_timeout"] += 1
+                await self.close_with_error(f"no free row after {limit:g} s in the queue: the server is busy, "
+                                            "try again later", WSCloseCode.TRY_AGAIN_LATER)
+                return False
             if waiter.admitted.done():
                 self.admitted, self.waiter = True, None
                 self.outbox.put(protocol.metadata_message(
@@ -181,7 +210,10 @@ class ChatSession:
         self._mark_joined()
         piece = self.server.tokenizer.piece(token) if token not in (TEXT_EPAD, TEXT_PAD) else ""
         before = self.outbox.dropped
-        self.outbox.put_frame(pcm, piece)
+        encoded = self.codec.submit_encode(pcm)  # encoding starts now, in a codec worker
+        if encoded is None:
+            self.outbox.dropped += 1  # the codec worker is too far behind: this frame's audio is dropped
+        self.outbox.put_frame(encoded, piece)
         if self.outbox.dropped != before:
             self.slot.stats.dropped_out += self.outbox.dropped - before
             self.server.model_loop.stats.frames_dropped_out += self.outbox.dropped - before
@@ -211,19 +243,49 @@ class ChatSession:
             self._complain("kind", f"{error}; message ignored")
             return
         if kind == protocol.Kind.AUDIO:
-            try:
-                pcm = self.opus_in.append_bytes(payload)
-            except Exception as error:  # sphn raises ValueError on bytes that are not Ogg: start afresh
-                self.opus_in = sphn.OpusStreamReader(SAMPLE_RATE)
-                self._complain("audio", f"malformed Ogg/Opus audio ignored ({error})")
-                return
-            if self.joined and pcm is not None and pcm.size:
-                self.slot.input.push(pcm)
+            self._on_audio(payload)
         elif kind == protocol.Kind.CONTROL:
             try:
                 protocol.parse_control(payload)  # accepted; the model runs full duplex whatever the control
             except protocol.ProtocolError as error:
                 self._complain("control", f"{error}; message ignored")
+
+    def _on_audio(self, payload: bytes) -> None:
+        """Caller audio: bounded and checked here (ogg.py), decoded in a codec worker, pushed to the model's
+        input buffer from there. Nothing is decoded before the handshake or while queued."""
+        ignored = self.server.audio_counters
+        if len(payload) > MAX_AUDIO_MESSAGE_BYTES:
+            ignored["too_large"] += 1
+            self._complain("audio-size", f"an audio message of {len(payload)} bytes was ignored: at most "
+                                         f"{MAX_AUDIO_MESSAGE_BYTES} per message (send one Ogg page per message)")
+            return
+        if not self.joined:
+            ignored["not_joined"] += 1  # queued or preparing: the model is not listening yet
+            return
+        result = self.ogg.feed(payload, time.monotonic())
+        ignored["empty"] += result.empty
+        ignored["absurd"] += result.absurd
+        ignored["over_real_time"] += result.over_budget
+        if result.malformed:
+            ignored["malformed"] += result.malformed
+            self._complain("audio", "malformed Ogg/Opus audio ignored (send Ogg pages of Opus audio, 24 kHz mono)")
+        if result.starved:
+            ignored["reader_resets"] += 1
+            self._complain("audio-starved", f"no audio in the last {STARVE_BYTES // 1024} KiB of input: the Ogg "
+                                            "reader was reset (send complete Ogg pages of Opus audio)")
+        if result.pages and not self.codec.decode(result.pages, result.samples):
+            ignored["codec_busy"] += 1
+
+    def _on_pcm(self, pcm) -> None:
+        """Decoded caller audio from the codec worker, to the model's input buffer (which takes a lock)."""
+        if self.slot is not None and self.joined and not self.slot.closed:
+            self.slot.input.push(pcm)
+
+    def _on_codec_error(self, text: str, fatal: bool = False) -> None:
+        if fatal:
+            self._on_failed(text)
+        else:
+            self._complain("audio", text)
 
     def _complain(self, what: str, text: str) -> None:
         """Count a bad message; tell the client the first time for each kind of problem."""
@@ -243,10 +305,10 @@ class ChatSession:
                 if isinstance(item, bytes):
                     await self._send(item)
                     continue
-                pcm, piece = item
-                if pcm is not None:
+                encoded, piece = item  # a future of the frame's Ogg pages (None: audio dropped)
+                if encoded is not None:
                     outbox.frames -= 1
-                    pages = self.opus_out.append_pcm(pcm)
+                    pages = await encoded
                     if pages:
                         await self._send(protocol.audio_message(pages))
                 if piece:
@@ -282,6 +344,7 @@ class ChatSession:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.codec.close()
         if not self.ws.closed:
             try:
                 await asyncio.wait_for(self.ws.close(), timeout=2.0)
@@ -306,14 +369,41 @@ class ChatServer:
                                            settings.default_text_prompt)
         self.sessions: set[ChatSession] = set()
         self.counters = {"connections": 0, "rejected_full": 0, "rejected_bad_request": 0, "errors": 0,
-                         "bad_messages": 0, "completed": 0}
+                         "bad_messages": 0, "completed": 0, "rejected_queue_timeout": 0, "rejected_draining": 0}
+        # caller audio not decoded, by reason (docs/serving.md "Limits")
+        self.audio_counters = dict.fromkeys(("not_joined", "too_large", "empty", "absurd", "malformed",
+                                             "over_real_time", "codec_busy", "reader_resets"), 0)
+        self.codec = CodecPool(settings.codec_workers)
+        self.draining = False
+        self.connection_counter = None  # the guard.ConnectionCounter of the site serving this server (/metrics)
+
+    def begin_drain(self) -> None:
+        """Take no new calls (they get DRAINING_MESSAGE, /healthz says "draining"); queued callers are told
+        and closed; calls in progress go on."""
+        self.draining = True
+        for session in self.sessions:
+            if session.waiter is not None:
+                session.waiter.moved.set()  # wakes its queue loop, which sees `draining`
+
+    async def drain(self, seconds: float) -> None:
+        """begin_drain, then wait up to `seconds` for the calls in progress to end by themselves."""
+        self.begin_drain()
+        deadline = time.monotonic() + max(0.0, seconds)
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    async def close_sessions(self, text: str = "the server is shutting down") -> None:
+        """Close every connection at once (each waits at most ~4 s for its peer, all of them together)."""
+        await asyncio.gather(*(session.close_with_error(text) for session in list(self.sessions)),
+                             return_exceptions=True)
 
     def voices(self) -> list[str]:
         return self.personas.available_voices()
 
     # -- HTTP handlers -------------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=1 << 20, heartbeat=self.settings.heartbeat_seconds)
+        # aiohttp refuses a message whose size equals max_msg_size: + 1 so that exactly 1 MiB is accepted
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES + 1, heartbeat=self.settings.heartbeat_seconds)
         await ws.prepare(request)
         self.counters["connections"] += 1
         session = ChatSession(self, ws, request)
@@ -352,23 +442,37 @@ class ChatServer:
             "default_text_prompt": self.settings.default_text_prompt,
         })
 
+    def health_status(self) -> tuple[str, int]:
+        """(status, HTTP code) of /healthz, for load balancers: 200 "ok" while a row is free, 200 "busy" while
+        every row is taken but the queue has room, 503 "full" when rows and queue are all taken, 503
+        "draining" once the server is shutting down (docs/serving.md)."""
+        admission = self.admission
+        if self.draining:
+            return "draining", 503
+        if admission.active < admission.capacity and not admission.waiting:
+            return "ok", 200
+        if len(admission.waiting) < admission.queue_limit:
+            return "busy", 200
+        return "full", 503
+
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "active": self.model_loop.active,
+        status, code = self.health_status()
+        return web.json_response({"status": status, "active": self.model_loop.active,
                                   "admitted": self.admission.active, "queued": len(self.admission.waiting),
-                                  "max_conversations": self.settings.max_conversations})
+                                  "max_conversations": self.settings.max_conversations}, status=code)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=render_metrics(self), content_type="text/plain",
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def index(self, request: web.Request) -> web.StreamResponse:
-        page = STATIC_DIR / "index.html"
+        page = (self.settings.static_dir or STATIC_DIR) / "index.html"
         if page.is_file():
             return web.FileResponse(page)
         return web.Response(text=MISSING_CLIENT_PAGE, content_type="text/html")
 
     async def static_file(self, request: web.Request) -> web.StreamResponse:
-        path = _static_path(request.match_info.get("path", ""))
+        path = _static_path(request.match_info.get("path", ""), self.settings.static_dir or STATIC_DIR)
         if path is None:
             raise web.HTTPNotFound()
         return web.FileResponse(path)
@@ -397,12 +501,12 @@ def resolve_voice(personas: Personas, name: str | None) -> str | None:
                                  f"{', '.join(personas.available_voices()) or '(none)'}") from None
 
 
-def _static_path(relative: str) -> Path | None:
-    """A file inside STATIC_DIR named by a URL path, or None; nothing outside the folder, no hidden files."""
+def _static_path(relative: str, folder: Path = STATIC_DIR) -> Path | None:
+    """A file inside `folder` named by a URL path, or None; nothing outside the folder, no hidden files."""
     parts = [p for p in relative.split("/") if p]
     if not parts or any(p.startswith(".") or "\\" in p or "\x00" in p for p in parts):
         return None
-    root = STATIC_DIR.resolve()
+    root = folder.resolve()
     try:
         path = root.joinpath(*parts).resolve()
     except (OSError, ValueError):
@@ -453,41 +557,68 @@ def render_metrics(server: ChatServer) -> str:
     metric("persona_build_seconds_total", "counter", "Time spent building personas.", float(stats.persona_seconds))
     metric("connections_total", "counter", "Websocket connections accepted.", counters["connections"])
     metric("rejected_total", "counter", "Connections refused, by reason.",
-           {'{reason="full"}': counters["rejected_full"], '{reason="bad_request"}': counters["rejected_bad_request"]})
+           {'{reason="full"}': counters["rejected_full"], '{reason="bad_request"}': counters["rejected_bad_request"],
+            '{reason="queue_timeout"}': counters["rejected_queue_timeout"],
+            '{reason="draining"}': counters["rejected_draining"]})
     metric("connection_errors_total", "counter", "Connections ended by an unexpected error.", counters["errors"])
     metric("bad_messages_total", "counter", "Client messages ignored (unknown kind, malformed audio, text).",
            counters["bad_messages"])
+    if server.connection_counter is not None:  # served by a guard.GuardedSite
+        sockets = server.connection_counter
+        metric("open_sockets", "gauge", "Sockets open (counted from accept, before any request).", sockets.total)
+        metric("sockets_refused_total", "counter", "Sockets closed by the guard, by reason: the server's or one "
+               "address's connection cap, no request head in time.",
+               {f'{{reason="{k}"}}': v for k, v in sockets.refused.items()})
+    metric("audio_ignored_total", "counter", "Caller audio not decoded, by reason: messages before the handshake "
+           "or too large, packets empty, absurd, malformed or ahead of real time, decodes the codec was too busy "
+           "for, Ogg readers reset for lack of audio.",
+           {f'{{reason="{k}"}}': v for k, v in server.audio_counters.items()})
+    metric("codec_dropped_total", "counter", "Codec requests dropped because a codec worker's queue was full.",
+           {'{direction="decode"}': server.codec.dropped_decodes, '{direction="encode"}': server.codec.dropped_encodes})
     return "\n".join(lines) + "\n"
 
 
 SERVER_KEY: web.AppKey["ChatServer"] = web.AppKey("chat_server")
 
 
+MAX_HEADERS = 64  # header lines per request, each at most aiohttp's default 8190 bytes (name + value)
+KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this long
+
+
 def make_runner(server: ChatServer) -> web.AppRunner:
     """An AppRunner for `server`'s app whose request line fits the longest accepted prompt (released clients
-    send the prompt in the query string, up to 12 URL characters per character)."""
+    send the prompt in the query string, up to 12 URL characters per character). Only the request line gets
+    that room: each header line keeps aiohttp's default bound (`max_field_size` limits header lines only),
+    so an incomplete request holds at most line + MAX_HEADERS x 8190 bytes."""
     line = max(8190, 12 * server.settings.max_prompt_chars + 4096)
+    quiet = guard.ThrottledLog(logging.getLogger("personaplex.server.http"),
+                               server.settings.guard.log_interval_seconds)
     return web.AppRunner(create_app(server), access_log=None, handle_signals=False, max_line_size=line,
-                         max_field_size=max(8190, line))
+                         max_headers=MAX_HEADERS, logger=quiet,
+                         keepalive_timeout=max(KEEPALIVE_SECONDS, server.settings.guard.header_timeout_seconds))
 
 
 def create_app(server: ChatServer) -> web.Application:
     """The aiohttp application of `server`; the model loop is started and stopped with the app."""
-    app = web.Application()
+    app = web.Application(middlewares=guard.middlewares(server.settings.guard))
     app[SERVER_KEY] = server
+    app.on_response_prepare.append(guard.strip_banner)
 
     async def start_loop(app: web.Application) -> None:
+        if server.codec.loop is None:
+            await server.codec.start()
         if not server.model_loop.started:
             await asyncio.get_running_loop().run_in_executor(
                 None, server.model_loop.start, asyncio.get_running_loop(),
                 (server.settings.default_voice, server.settings.default_text_prompt))
 
     async def close_sessions(app: web.Application) -> None:
-        for session in list(server.sessions):
-            await session.close_with_error("the server is shutting down")
+        server.begin_drain()  # nobody new gets in while the others are being closed
+        await server.close_sessions()
 
     async def stop_loop(app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, server.model_loop.stop)
+        await server.codec.close()
 
     app.on_startup.append(start_loop)
     app.on_shutdown.append(close_sessions)
