@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import zlib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
