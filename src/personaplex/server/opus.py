@@ -58,13 +58,16 @@ def _read_exactly(stream, n: int) -> bytes | None:
 
 
 class _Input:
-    """Blocking reads of whole frames from a pipe, 64 KiB at a time, and whether more is already waiting."""
+    """Blocking reads of whole frames from a pipe, 64 KiB at a time. `before_wait` runs before each read that
+    may block (the worker flushes its replies there: never while it could wait for more requests)."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd, self.buffer = fd, bytearray()
+    def __init__(self, fd: int, before_wait) -> None:
+        self.fd, self.buffer, self.before_wait = fd, bytearray(), before_wait
 
     def read(self, n: int) -> bytes | None:
         while len(self.buffer) < n:
+            if not select.select([self.fd], [], [], 0)[0]:
+                self.before_wait()
             chunk = os.read(self.fd, 1 << 16)
             if not chunk:
                 return None
@@ -73,17 +76,14 @@ class _Input:
         del self.buffer[:n]
         return data
 
-    def waiting(self) -> bool:
-        return bool(self.buffer) or bool(select.select([self.fd], [], [], 0)[0])
-
 
 def worker_main() -> None:
     """A codec worker: frames in on stdin, frames out on stdout, until stdin closes. Replies are flushed
-    when no request is waiting, so a burst (one tick's frames for every caller) costs few system calls."""
+    whenever no request is waiting, so a burst (one tick's frames for every caller) costs few system calls."""
     import sphn
 
-    stdin = _Input(sys.stdin.fileno())
     stdout = sys.stdout.buffer
+    stdin = _Input(sys.stdin.fileno(), stdout.flush)
     stdout.write(_FRAME.pack(OP_READY, 0, 0))  # imported: requests are answered from now on
     stdout.flush()
     readers: dict[int, object] = {}
@@ -125,8 +125,6 @@ def worker_main() -> None:
                 reply(OP_PAGES, stream, b"")
             else:
                 reply(OP_PAGES, stream, bytes(pages))
-        if not stdin.waiting():
-            stdout.flush()
 
 
 # -- the server side ------------------------------------------------------------------------------------------
