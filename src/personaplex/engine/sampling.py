@@ -99,15 +99,16 @@ class SamplingParams:
 
 def _top_mask(topk: torch.Tensor, kmax: int) -> torch.Tensor:
     """(B,) top-k -> (B, kmax) additive mask: 0 for the first top-k candidates of a row, -inf after."""
-    keep = torch.arange(kmax, device=topk.device) < topk[:, None]
-    return torch.zeros(keep.shape, device=topk.device).masked_fill_(~keep, float("-inf"))
+    beyond = torch.arange(kmax, device=topk.device) >= topk[:, None]
+    return torch.zeros(beyond.shape, device=topk.device).masked_fill_(beyond, float("-inf"))
 
 
 def _draw(logits: torch.Tensor, kmax: int, inv_temp: torch.Tensor, mask: torch.Tensor, noise_of) -> torch.Tensor:
     """argmax over the top-kmax of logits / T + Gumbel noise (masked beyond each row's top-k): a draw from
     softmax(logits / T) restricted to the top k. `noise_of(index)` gives the (already scaled) noise."""
-    values, index = logits.float().topk(kmax, dim=-1)  # (B, kmax), sorted: a greedy row (no noise) takes index 0
-    scores = values * inv_temp + noise_of(index) + mask
+    # Top-k in the logits' own dtype (the cast to fp32 is exact, so the order is the same), on kmax values only.
+    values, index = logits.topk(kmax, dim=-1)  # (B, kmax), sorted: a greedy row (no noise) takes index 0
+    scores = values.float() * inv_temp + noise_of(index) + mask
     return index.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
 
 
