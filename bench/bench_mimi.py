@@ -1,6 +1,8 @@
 """Streaming Mimi speed: encode + decode of one 80 ms frame, ours vs the reference (`moshi`), same run.
 
-Real Mimi shape, random weights, batch 1 by default. Prints the median ms per frame of each and the ratio.
+Real Mimi shape, random weights, batch 1 by default. Prints the median ms per frame of each and the ratio,
+and the non-view aten operations of one streaming encode + decode at this batch (counted on the meta device,
+`personaplex.opcount`; on a GPU each is a kernel launch).
 
     .venv/bin/python bench/bench_mimi.py [--frames 50] [--warmup 10] [--threads N] [--batch 1] [--no-reference]
 """
@@ -72,10 +74,10 @@ def main() -> None:
         f"{args.frames} frames after {args.warmup} warm-up"
     )
 
-    enc, dec = ours.init_encoder_state(args.batch), ours.init_decoder_state(args.batch)
+    stream = ours.stream(args.batch)
 
     def ours_step(chunk: torch.Tensor) -> None:
-        ours.decode_step(ours.encode_step(chunk, enc), dec)
+        stream.decode(stream.encode(chunk))
 
     ours_ms = _time_frames(ours_step, pcm, frame, args.warmup, args.frames)
     ours_med = statistics.median(ours_ms)
@@ -91,6 +93,17 @@ def main() -> None:
         ref_med = statistics.median(ref_ms)
         print(f"reference : {ref_med:7.2f} ms/frame (median; min {min(ref_ms):.2f}, max {max(ref_ms):.2f})")
         print(f"speed-up  : {ref_med / ours_med:.2f}x (reference / ours); real time = {1000 / ours.frame_rate:.0f} ms")
+    print(f"ops/tick  : {_ops_per_tick(args.batch)} non-view aten ops per encode + decode (meta device)")
+
+
+def _ops_per_tick(batch: int) -> int:
+    from personaplex.opcount import count_ops
+
+    with torch.device("meta"):
+        stream = Mimi(MimiConfig()).eval().stream(batch)
+    pcm = torch.empty(batch, 1, stream.mimi.frame_size, device="meta")
+    stream.decode(stream.encode(pcm))  # builds the cached tables
+    return sum(count_ops(lambda: stream.decode(stream.encode(pcm))).values())
 
 
 if __name__ == "__main__":
