@@ -384,7 +384,8 @@ class ModelLoop:
                     self.engine = self.engine_factory()
                 slot.conversation = self.engine.join(persona, slot.params)
                 self._slots[slot.conversation.id] = slot
-            except (PersonaplexError, EngineFullError, ValueError, ConnectionResetError) as error:  # the caller's: told as it is
+            except (PersonaplexError, EngineFullError, ValueError, ConnectionResetError) as error:
+                # the caller's (a bad persona, a full batch, gone already): told as it is
                 future.set_exception(error)
                 return
             except Exception as error:  # the server's (out of memory, a bug): logged, the caller told plainly
@@ -494,4 +495,5 @@ def _deliver_all(outputs) -> None:
                 log.exception("conversation %s: delivering a frame failed", slot.name)
 
 
-__all__ = ["ConversationStartError", "Admission", "Waiter", "ModelLoop", "Slot", "SlotStats", "InputBuffer", "TickStats", "TICK_SECONDS"]
+__all__ = ["ConversationStartError", "Admission", "Waiter", "ModelLoop", "Slot", "SlotStats", "InputBuffer",
+           "TickStats", "TICK_SECONDS"]
