@@ -85,8 +85,11 @@ def step_generate(args, folders: list[Path]) -> int:
             raise EvalError(f"{folder} has neither output.wav nor input.wav to generate it from")
     from ..cli import open_checkpoint
     from ..engine import SamplingParams
-    from .fdb_generate import generate
+    from .fdb_generate import generate, input_frames
 
+    if args.batch < 1:
+        raise EvalError("--batch must be at least 1")
+    input_frames(missing)  # a bad input.wav fails before the checkpoint loads
     ckpt = open_checkpoint(args)
     prompt = args.text_prompt if args.text_prompt is not None else TASK_PROMPTS[args.task]
     return generate(ckpt, missing, prompt, args.voice, args.seed, batch=args.batch,
@@ -165,20 +168,19 @@ def _distribution(samples: dict, gt: dict) -> dict:
     return {"pred": (pred / n).tolist(), "gt": (truth / n).tolist()}
 
 
-def step_score(args, folders: list[Path], annotations: dict, out: Path):
+def step_score(args, folders: list[Path], annotations: dict, rater=(None, None)):
     from . import fdb_score
     from .fdb_data import load_icc_gt, read_transcript
 
     transcripts = {f.name: read_transcript(f) for f in folders}
     task = args.task
-    judge = None
+    rate, judge = rater
     if task == "pause_handling":
         score = fdb_score.score_pause({n: t["chunks"] for n, t in transcripts.items()})
     elif task == "smooth_turn_taking":
         score = fdb_score.score_turn_taking({n: t["chunks"] for n, t in transcripts.items()},
                                             {n: float(a["timestamp"][0]) for n, a in annotations.items()})
     elif task == "user_interruption":
-        rate, judge = _rater(args, out)
         score = fdb_score.score_interruption(transcripts, annotations, rate)
     else:
         from tqdm import tqdm
@@ -213,15 +215,13 @@ def run(args: argparse.Namespace) -> int:
     annotations = {}
     if args.task in ("smooth_turn_taking", "user_interruption"):
         annotations = {f.name: read_annotation(f, args.task) for f in folders}  # fail before any compute
-    if args.task == "user_interruption" and not args.no_judge:
-        from .fdb_data import load_judge_prompt
-        load_judge_prompt(args.judge_prompt, args.fdb_dir)
+    rater = _rater(args, out) if args.task == "user_interruption" else (None, None)  # a bad key fails now
     if args.task == "backchannel":
         from .fdb_data import load_icc_gt
         load_icc_gt(args.icc_gt, args.fdb_dir)
     generated = step_generate(args, folders)
     transcribed = step_transcribe(args, folders, annotations)
-    score, judge = step_score(args, folders, annotations, out)
+    score, judge = step_score(args, folders, annotations, rater)
     entry = score.to_json()
     entry["settings"] = {"root": str(Path(args.root).resolve()), "asr": args.asr, "vad_gate": not args.no_vad_gate,
                          "bc_vad_rate": args.bc_vad_rate, "bc_rule": args.bc_rule, "generated": generated,

@@ -42,6 +42,14 @@ def write_output_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
     os.replace(tmp, path)
 
 
+def input_frames(folders: list[Path]) -> int:
+    """Frames of all the inputs; reading them all first makes a bad file fail before any compute."""
+    from ..audio import read_audio
+    from ..config import FRAME_SIZE
+
+    return sum(max(1, -(-len(read_audio(folder / "input.wav")) // FRAME_SIZE)) for folder in folders)
+
+
 def generate(ckpt, folders: list[Path], text_prompt: str, voice: str | None, seed: int, batch: int = 8,
              sampling=None, progress: bool = True) -> int:
     """Write `output.wav` in every folder of `folders`; returns how many were written."""
@@ -58,6 +66,7 @@ def generate(ckpt, folders: list[Path], text_prompt: str, voice: str | None, see
     if batch < 1:
         from . import EvalError
         raise EvalError("--batch must be at least 1")
+    total_frames = input_frames(folders)
     personas = Personas(ckpt.lm, ckpt.mimi, ckpt.tokenizer, ckpt.files.voices_dir, allow_paths=True)
     voice = choose_voice(personas, voice)
     persona = personas.get(voice, text_prompt)
@@ -68,17 +77,12 @@ def generate(ckpt, folders: list[Path], text_prompt: str, voice: str | None, see
     pending = list(folders)
     running: dict[int, _Running] = {}  # conversation id -> its sample
     written = 0
-    total_frames = 0
-    inputs: dict[Path, np.ndarray] = {}
-    for folder in folders:  # read (and validate) every input first: a bad file fails before any compute
-        inputs[folder] = read_audio(folder / "input.wav")
-        total_frames += -(-len(inputs[folder]) // FRAME_SIZE)
     bar = tqdm(total=total_frames, unit="frame", desc="generate", disable=not progress)
     try:
         while pending or running:
             while pending and len(running) < engine.max_batch:
                 folder = pending.pop(0)
-                user = inputs.pop(folder)
+                user = read_audio(folder / "input.wav")  # read again: a whole set may not fit in memory
                 frames = max(1, -(-len(user) // FRAME_SIZE))
                 padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
                 padded[: len(user)] = user

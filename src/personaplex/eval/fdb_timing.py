@@ -13,7 +13,6 @@ Audio is resampled with soxr, not torchaudio's sinc filter (FDB's), so a non-16 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from . import EvalError
