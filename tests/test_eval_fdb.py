@@ -163,7 +163,8 @@ def build_timing(root: Path) -> Path:
 # OpenAI client answering "Analysis: ...\nI would rate the AI's response as N." with JUDGE_RATINGS below.
 # "resample16k" is FDB d7336bd on a copy whose outputs were resampled to 16 kHz with soxr (what PR #12 does).
 # FDB's code is not in this repository. JSD means are np.mean/np.std of FDB's printed per-sample JSDs; TOR and
-# freq are FDB's 4-decimal prints.
+# freq are FDB's 4-decimal prints. The backchannel and timing values depend on the speech espeak-ng makes
+# (espeakng-loader 0.2.4 then) and on silero-vad 6.2.3: after upgrading either, re-derive them the same way.
 GOLDEN = {
     "pause_handling": {"TOR": 0.42857142857142855},
     "smooth_turn_taking": {"TOR": 0.6, "latency": 0.21666666666666665},
