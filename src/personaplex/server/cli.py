@@ -104,10 +104,7 @@ def default_max_conversations(lm) -> int:
         return CPU_MAX_CONVERSATIONS
     c = lm.config
     element = torch.empty(0, dtype=lm.dtype).element_size()
-    from ..lm.transformer import DEFAULT_PINNED_CAPACITY
-
-    pinned = min(c.context // 2, DEFAULT_PINNED_CAPACITY)  # the pinned prompt's keys, kept to re-rotate them
-    per_conversation = (2 * c.context + pinned) * c.num_layers * c.dim * element  # keys + values + prompt keys
+    per_conversation = 2 * c.num_layers * c.context * c.dim * element  # keys + values
     free, _ = torch.cuda.mem_get_info(lm.device)
     fits = int(free * GPU_MEMORY_SHARE // per_conversation)
     if fits < GPU_MAX_CONVERSATIONS:
