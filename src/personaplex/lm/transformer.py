@@ -9,12 +9,13 @@ Pinned prompt. A conversation may pin its first `pinned` positions (the persona 
 overwritten, the rest of the ring (capacity - pinned slots) holds the latest frames, and once the window has
 slid past the prompt the prompt is attended to as if it sat right before the oldest frame kept: the model then
 sees exactly what a fresh run of [prompt, last context - pinned frames] would give, and never a distance it was
-not trained on. RoPE only sees relative distances, so that means scoring the prompt keys as if the query stood
-at min(q, context - 1). Rather than scoring twice, each row's pinned keys are brought into its query's frame of
-reference: they are rotated forward by shift = max(0, q - (context - 1)) positions, recomputed exactly from the
-prompt's keys as loaded (`KVCache.prompt_keys`) so no rounding accumulates. One attention call then serves
-every row, a row that has not slid has shift 0 (the rotation is the identity, bit for bit), and nothing about
-one conversation's arithmetic depends on whether another one has passed the window.
+not trained on. RoPE only sees relative distances, so that means scoring the prompt keys with the query
+rotated as if it stood at min(q, context - 1), i.e. rotated back by shift = max(0, q - (context - 1)). Rather
+than scoring the whole ring twice, the difference is an additive score bias on the pinned slots only:
+(q' - q) . k_j / sqrt(Dh) for pinned key j, where q' is the query rotated back by `shift`. It goes into the
+attention mask, so one attention call serves every row and reads the ring once (plus the few pinned slots for
+the bias). A row that has not slid has shift 0: q' is q bit for bit, its bias is exactly 0 and its attention
+is unchanged, so nothing about one conversation depends on whether another one has passed the window.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from .layers import RMSNorm, apply_rope, rope_rotation, silu_gate
 
 DEFAULT_PINNED_CAPACITY = 512  # prompt frames a row can pin (41 s: a released voice plus ~350 text tokens)
+# (a bound on the slots the pinned-prompt bias reads each step once a row has slid, not on memory)
 
 
 @dataclass
@@ -36,10 +38,10 @@ class KVCache:
 
     keys/values: (L, B, H, C, Dh) ring buffers of capacity C = context; `slot_pos` (B, C) holds the absolute
     position stored in each slot (-1: empty); `pos` (B,) is the next position of each conversation;
-    `pinned` (B,) the number of leading positions kept for good (0: a plain sliding window); `prompt_keys`
-    (L, B, H, P, Dh) the pinned keys as loaded (P: the most a row can pin). `pos_cpu` and `pinned_cpu` mirror
-    `pos` and `pinned` on the host, so per-step decisions (has any row slid?) never wait for the GPU.
-    Every operation below writes into these tensors: their storage never changes.
+    `pinned` (B,) the number of leading positions kept for good (0: a plain sliding window), at most
+    `pinned_capacity`. `pos_cpu` and `pinned_cpu` mirror `pos` and `pinned` on the host, so per-step decisions
+    (has any row slid?) never wait for the GPU. Every operation below writes into these tensors: their storage
+    never changes.
     """
 
     keys: torch.Tensor
@@ -47,9 +49,9 @@ class KVCache:
     slot_pos: torch.Tensor
     pos: torch.Tensor
     pinned: torch.Tensor
-    prompt_keys: torch.Tensor
     pos_cpu: torch.Tensor
     pinned_cpu: torch.Tensor
+    pinned_capacity: int = DEFAULT_PINNED_CAPACITY
 
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int,
@@ -63,9 +65,9 @@ class KVCache:
             slot_pos=torch.full((batch_size, capacity), -1, device=device, dtype=torch.long),
             pos=torch.zeros(batch_size, device=device, dtype=torch.long),
             pinned=torch.zeros(batch_size, device=device, dtype=torch.long),
-            prompt_keys=torch.zeros(shape[:3] + (pinned_capacity, head_dim), device=device, dtype=dtype),
             pos_cpu=torch.zeros(batch_size, dtype=torch.long, device="cpu"),
             pinned_cpu=torch.zeros(batch_size, dtype=torch.long, device="cpu"),
+            pinned_capacity=min(pinned_capacity, capacity // 2),
         )
 
     @property
@@ -75,10 +77,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.slot_pos.shape[1]
-
-    @property
-    def pinned_capacity(self) -> int:
-        return self.prompt_keys.shape[3]
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Forget the history of the conversations where `mask` (B,) is true (all when None)."""
@@ -96,11 +94,11 @@ class KVCache:
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of conversations start..stop-1 (writes go to this cache)."""
         return KVCache(self.keys[:, start:stop], self.values[:, start:stop], self.slot_pos[start:stop],
-                       self.pos[start:stop], self.pinned[start:stop], self.prompt_keys[:, start:stop],
-                       self.pos_cpu[start:stop], self.pinned_cpu[start:stop])
+                       self.pos[start:stop], self.pinned[start:stop], self.pos_cpu[start:stop],
+                       self.pinned_cpu[start:stop], self.pinned_capacity)
 
     def snapshot(self) -> "KVCache":
-        return KVCache(*(t.clone() for t in self._tensors()))
+        return KVCache(*(t.clone() for t in self._tensors()), self.pinned_capacity)
 
     def restore(self, other: "KVCache") -> None:
         for mine, theirs in zip(self._tensors(), other._tensors()):
@@ -126,8 +124,6 @@ class KVCache:
                              f"{self.pinned_capacity} frames")
         self.keys[:, row, :, :n] = keys
         self.values[:, row, :, :n] = values
-        if pin:
-            self.prompt_keys[:, row, :, :n] = keys
         self.slot_pos[row] = -1
         self.slot_pos[row, :n] = torch.arange(n, device=self.slot_pos.device)
         self.pos[row] = self.pos_cpu[row] = n
@@ -142,12 +138,11 @@ class KVCache:
         return bool(((self.pinned_cpu > 0) & (self.pos_cpu >= context)).any())
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.keys, self.values, self.slot_pos, self.pos, self.pinned, self.prompt_keys, self.pos_cpu,
-                self.pinned_cpu)
+        return (self.keys, self.values, self.slot_pos, self.pos, self.pinned, self.pos_cpu, self.pinned_cpu)
 
     @staticmethod
     def _layered() -> tuple[bool, ...]:
-        return (True, True, False, False, False, True, False, False)
+        return (True, True, False, False, False, False, False)
 
 
 def _slots(positions: torch.Tensor, pinned: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -198,8 +193,8 @@ class StepPlan:
     rope: torch.Tensor  # (B, 1, 1, 1, Dh/2) complex: rotation of this step's query and key
     write_index: torch.Tensor  # (B, H, 1, Dh) int64: the ring slot each row writes (expanded view)
     mask: torch.Tensor  # (B, 1, 1, C) additive float mask in the activation dtype
-    prompt_rope: torch.Tensor | None  # (B, 1, 1, Dh/2) complex: rotation bringing pinned keys to the query
-    prompt_slots: torch.Tensor | None  # (B, 1, P, 1) bool: slots < P holding a pinned key
+    prompt_rope: torch.Tensor | None  # (B, 1, 1, Dh/2) complex: the query's rotation back by `shift`
+    prompt_scale: torch.Tensor | None  # (B, 1, 1, P): 1/sqrt(Dh) on slots < P holding a pinned key, else 0
 
 
 class Attention(nn.Module):
@@ -236,11 +231,13 @@ class Attention(nn.Module):
         keys, values = cache.keys[layer], cache.values[layer]  # (B, H, C, Dh)
         keys.scatter_(2, plan.write_index, qk[:, 1])
         values.scatter_(2, plan.write_index, qkv[:, 2])
-        if plan.prompt_rope is not None:
-            pinned = keys[:, :, : cache.pinned_capacity]
-            rotated = apply_rope(cache.prompt_keys[layer], plan.prompt_rope)
-            pinned.copy_(torch.where(plan.prompt_slots, rotated, pinned))
-        out = F.scaled_dot_product_attention(qk[:, 0], keys, values, attn_mask=plan.mask)  # (B, H, 1, Dh)
+        q, mask = qk[:, 0], plan.mask
+        if plan.prompt_rope is not None:  # pinned keys scored by the query rotated back (module docstring)
+            P = cache.pinned_capacity
+            dq = apply_rope(q, plan.prompt_rope) - q  # (B, H, 1, Dh); exactly 0 for a row that has not slid
+            bias = torch.matmul(dq, keys[:, :, :P].transpose(-1, -2)) * plan.prompt_scale  # (B, H, 1, P)
+            mask = mask + F.pad(bias, (0, keys.shape[2] - P))  # (B, H, 1, C)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, Dh)
         return F.linear(out.view(B, D), self.out_proj.weight)
 
 
@@ -335,14 +332,15 @@ class Transformer(nn.Module):
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
         B = pos.shape[0]
         write_index = slot.view(B, 1, 1, 1).expand(B, self.num_heads, 1, self.head_dim)
-        prompt_rope = prompt_slots = None
+        prompt_rope = prompt_scale = None
         if slid:
             # Past the window, pinned keys are scored as if the query stood at context - 1 (module docstring).
-            shift = (pos - (self.context - 1)).clamp_(min=0)[:, None]
+            shift = (self.context - 1 - pos).clamp_(max=0)[:, None]  # -max(0, q - (context - 1))
             prompt_rope = rope_rotation(shift, self.head_dim, self.max_period)  # (B, 1, 1, Dh/2)
             P = cache.pinned_capacity
-            prompt_slots = (torch.arange(P, device=pos.device) < pinned_).view(B, 1, P, 1)
-        return StepPlan(rope.view(B, 1, 1, 1, -1), write_index, mask[:, None, None], prompt_rope, prompt_slots)
+            pinned_slot = torch.arange(P, device=pos.device) < pinned_  # (B, P)
+            prompt_scale = (pinned_slot * self.head_dim ** -0.5).to(dtype).view(B, 1, 1, P)
+        return StepPlan(rope.view(B, 1, 1, 1, -1), write_index, mask[:, None, None], prompt_rope, prompt_scale)
 
     def plan(self, B: int, T: int, device, cache: KVCache | None) -> AttentionPlan:
         steps = torch.arange(T, device=device)
