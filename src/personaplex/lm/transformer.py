@@ -193,8 +193,9 @@ class StepPlan:
     rope: torch.Tensor  # (B, 1, 1, 1, Dh/2) complex: rotation of this step's query and key
     write_index: torch.Tensor  # (B, H, 1, Dh) int64: the ring slot each row writes (expanded view)
     mask: torch.Tensor  # (B, 1, 1, C) additive float mask in the activation dtype
-    prompt_rope: torch.Tensor | None  # (B, 1, 1, Dh/2) complex: the query's rotation back by `shift`
-    prompt_scale: torch.Tensor | None  # (B, 1, 1, P): 1/sqrt(Dh) on slots < P holding a pinned key, else 0
+    prompt_delta: torch.Tensor | None  # (B, 1, 1, Dh/2) complex: (R(min(q, C-1)) - R(q)) / sqrt(Dh)
+    prompt_slots: torch.Tensor | None  # (B, 1, 1, P) float: 1 on slots < P holding a pinned key, else 0
+    head_mask: torch.Tensor | None  # (B, H, 1, C): per-head mask the layers fill with their bias
 
 
 class Attention(nn.Module):
@@ -227,17 +228,20 @@ class Attention(nn.Module):
         overwritten holds exactly the position that left the window)."""
         B, D = x.shape
         qkv = F.linear(x, self.in_proj.weight).view(B, 3, self.num_heads, 1, self.head_dim)
-        qk = apply_rope(qkv[:, :2], plan.rope)  # (B, 2, H, 1, Dh): q and k in one rotation
+        pairs = torch.view_as_complex(qkv[:, :2].float().unflatten(-1, (-1, 2)))  # (B, 2, H, 1, Dh/2)
+        qk = torch.view_as_real(pairs * plan.rope).flatten(-2).to(x.dtype)  # q and k in one rotation
         keys, values = cache.keys[layer], cache.values[layer]  # (B, H, C, Dh)
         keys.scatter_(2, plan.write_index, qk[:, 1])
         values.scatter_(2, plan.write_index, qkv[:, 2])
-        q, mask = qk[:, 0], plan.mask
-        if plan.prompt_rope is not None:  # pinned keys scored by the query rotated back (module docstring)
+        mask = plan.mask
+        if plan.prompt_delta is not None:  # pinned keys scored by the query rotated back (module docstring)
             P = cache.pinned_capacity
-            dq = apply_rope(q, plan.prompt_rope) - q  # (B, H, 1, Dh); exactly 0 for a row that has not slid
-            bias = torch.matmul(dq, keys[:, :, :P].transpose(-1, -2)) * plan.prompt_scale  # (B, H, 1, P)
-            mask = mask + F.pad(bias, (0, keys.shape[2] - P))  # (B, H, 1, C)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, Dh)
+            # (q' - q) / sqrt(Dh) from the unrounded pairs: exactly 0 for a row that has not slid
+            dq = torch.view_as_real(pairs[:, 0] * plan.prompt_delta).flatten(-2).to(x.dtype)  # (B, H, 1, Dh)
+            bias = torch.matmul(dq, keys[:, :, :P].transpose(-1, -2))  # (B, H, 1, P)
+            mask = plan.head_mask
+            torch.addcmul(plan.mask[..., :P], bias, plan.prompt_slots, out=mask[..., :P])
+        out = F.scaled_dot_product_attention(qk[:, 0], keys, values, attn_mask=mask)  # (B, H, 1, Dh)
         return F.linear(out.view(B, D), self.out_proj.weight)
 
 
@@ -332,15 +336,16 @@ class Transformer(nn.Module):
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
         B = pos.shape[0]
         write_index = slot.view(B, 1, 1, 1).expand(B, self.num_heads, 1, self.head_dim)
-        prompt_rope = prompt_scale = None
+        mask = mask[:, None, None]  # (B, 1, 1, C)
+        prompt_delta = prompt_slots = head_mask = None
         if slid:
             # Past the window, pinned keys are scored as if the query stood at context - 1 (module docstring).
-            shift = (self.context - 1 - pos).clamp_(max=0)[:, None]  # -max(0, q - (context - 1))
-            prompt_rope = rope_rotation(shift, self.head_dim, self.max_period)  # (B, 1, 1, Dh/2)
+            clamped = rope_rotation(positions.clamp(max=self.context - 1), self.head_dim, self.max_period)
+            prompt_delta = (clamped - rope) * self.head_dim ** -0.5  # (B, 1, 1, Dh/2)
             P = cache.pinned_capacity
-            pinned_slot = torch.arange(P, device=pos.device) < pinned_  # (B, P)
-            prompt_scale = (pinned_slot * self.head_dim ** -0.5).to(dtype).view(B, 1, 1, P)
-        return StepPlan(rope.view(B, 1, 1, 1, -1), write_index, mask[:, None, None], prompt_rope, prompt_scale)
+            prompt_slots = (torch.arange(P, device=pos.device) < pinned_).to(dtype).view(B, 1, 1, P)
+            head_mask = mask.expand(B, self.num_heads, 1, C).clone()  # slots >= P keep the shared mask
+        return StepPlan(rope.view(B, 1, 1, 1, -1), write_index, mask, prompt_delta, prompt_slots, head_mask)
 
     def plan(self, B: int, T: int, device, cache: KVCache | None) -> AttentionPlan:
         steps = torch.arange(T, device=device)
