@@ -27,7 +27,8 @@ import sphn
 from conftest import speech_like
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "src" / "personaplex" / "server" / "static"
-SCREENSHOT = Path(os.environ.get("PERSONAPLEX_WEB_SCREENSHOT", "/tmp/scratch/web_client.png"))
+SCREENSHOT = os.environ.get("PERSONAPLEX_WEB_SCREENSHOT")  # where to keep the screenshots (default: a tmp dir)
+SERVER_PROMPT = "You are Kim, the persona this server was started with."
 
 
 def _chromium() -> str | None:
@@ -209,7 +210,8 @@ def _real_server_factory(request):
     checkpoint = request.getfixturevalue("checkpoint")
 
     def make():
-        settings = ServerSettings(max_conversations=2, demo=True, heartbeat_seconds=None)
+        settings = ServerSettings(max_conversations=2, demo=True, heartbeat_seconds=None,
+                                  default_text_prompt=SERVER_PROMPT)
         return create_app(build_server(checkpoint, settings))
 
     return make
@@ -310,10 +312,11 @@ def _rms(x: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the tests
-def test_web_client_end_to_end(server, browser):
+def test_web_client_end_to_end(server, browser, tmp_path):
     """Page -> voices and defaults -> connect -> handshake -> mic audio out, agent audio and text in -> stats ->
     disconnect -> the stereo WAV download, against `personaplex serve` on the tiny checkpoint."""
     t_start = time.monotonic()
+    screenshot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "web_client.png"
     client = Client(browser, server)
     page = client.page
     try:
@@ -327,6 +330,9 @@ def test_web_client_end_to_end(server, browser):
         assert page.evaluate("window.personaplex.codec") is not None, (
             "WebCodecs Opus is not available: " + page.inner_text("#support-banner"))
         assert page.is_hidden("#support-banner"), page.inner_text("#support-banner")
+        if server.kind == "real":  # the page shows the server's default prompt (serve --default-text-prompt)
+            assert page.input_value("#prompt") == SERVER_PROMPT
+            assert page.get_attribute("#presets button:has-text('Server default')", "aria-pressed") == "true"
         page.click("#presets button:has-text('Customer service')")
         assert "SwiftPlex" in page.input_value("#prompt")
         page.click("#presets button:has-text('Teacher')")  # short: the tiny model's context holds 400 frames
@@ -355,8 +361,8 @@ def test_web_client_end_to_end(server, browser):
         assert abs(stats["textPieces"] - text_pieces) <= 3, (stats["textPieces"], text_pieces)  # in flight
         if text_pieces:  # random weights: words are likely, not certain
             assert page.evaluate("window.personaplex.transcript()").strip(), "text arrived, transcript is empty"
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
 
         # -- disconnect
         page.click("#connect")
@@ -411,7 +417,7 @@ def test_web_client_end_to_end(server, browser):
         assert page.is_visible("#error") and page.inner_text("#error").startswith("Server error:")
         assert "NO_SUCH_VOICE" in page.inner_text("#error") or "voice" in page.inner_text("#error").lower()
         assert page.is_enabled("#connect") and page.inner_text("#connect").strip() == "Connect"
-        page.screenshot(path=str(SCREENSHOT.with_name(SCREENSHOT.stem + "-error.png")))
+        page.screenshot(path=str(screenshot.with_name(screenshot.stem + "-error.png")))
         client.console = [c for c in client.console if "NO_SUCH_VOICE" not in c]
     except BaseException:
         client.diagnose()

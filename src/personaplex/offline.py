@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     io = parser.add_argument_group("input and output")
     io.add_argument("--input-wav", required=True, help="the user's side: any common format, rate and channels")
+    io.add_argument("--input-channel", choices=["mix", "left", "right"], default="mix",
+                    help="which channel of the input is the user: all mixed, or one of a stereo file (right: "
+                         "the user side of a training conversation, which has the agent on the left)")
     io.add_argument("--output-wav", required=True, help="where to write the agent's audio (24 kHz mono wav)")
     io.add_argument("--output-text", default=None, help="where to write the transcript (JSON list, one per frame)")
     persona = parser.add_argument_group("persona")
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from .voices import check_voices_dir
 
     # Everything the user typed is checked before anything large is loaded.
-    user = read_audio(args.input_wav)
+    user = read_audio(args.input_wav, channel=args.input_channel)
     voices_dir = check_voices_dir(args.voice_prompt_dir)
     params = sampling_params(args)
     output_wav = output_file(args.output_wav, "--output-wav")

@@ -9,6 +9,10 @@
 All four are registered in `personaplex.cli.COMMANDS` with this module: `add_arguments` picks the
 sub-command from the parser's name (argparse names it "personaplex <command>") and `run` from
 `args.command`.
+
+`synth` and `train-prepare` go through many samples and never stop at a bad one; their exit status says how
+it went: 0 every sample done (or already done), 3 some failed (the others are written and usable), 1 every
+sample failed. Status 2 is, as for every command, an error in what was asked (a bad flag, a missing folder).
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ import logging
 import os
 
 log = logging.getLogger("personaplex.train")
+
+SOME_FAILED = 3  # exit status of synth / train-prepare when some samples failed and the others are written
+
+
+def batch_status(done: int, failed: int) -> int:
+    """Exit status of a command over many samples: 0 all done, 3 some failed, 1 all failed."""
+    if not failed:
+        return 0
+    return SOME_FAILED if done else 1
 
 
 # -- train-prepare --------------------------------------------------------------------------------------------
@@ -42,22 +55,24 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_mimi
+    from ..checkpoint import load_mimi, resolve_device
+    from ..cli import output_dir
     from ..config import resolve_config
     from ..hub import resolve_checkpoint
     from ..text import TextTokenizer
+    from ..voices import check_voices_dir
+    from .data import find_conversations
     from .prepare import prepare_dataset
 
-    source = args.checkpoint
-    if args.demo:
-        from ..demo import demo_checkpoint_dir
-
-        source = str(demo_checkpoint_dir())
-    files = resolve_checkpoint(source, need=("mimi", "tokenizer"), revision=args.hf_revision)
+    find_conversations(args.source)  # a missing or empty source folder is said before anything loads
+    voices_dir = check_voices_dir(args.voices_dir, "--voices-dir")
+    device = resolve_device(args.device)
+    output_dir(args.output, "OUTPUT")
+    files = resolve_checkpoint(args.checkpoint, need=("mimi", "tokenizer"), revision=args.hf_revision, demo=args.demo)
     config = resolve_config(args.config if args.config else (files.config and str(files.config)))
-    mimi = load_mimi(files.mimi, device=args.device, num_codebooks=config.audio_codebooks)
+    mimi = load_mimi(files.mimi, device=device, num_codebooks=config.audio_codebooks)
     report = prepare_dataset(args.source, args.output, mimi, TextTokenizer(files.tokenizer), config,
-                             voices_dir=args.voices_dir or files.voices_dir, shard_size=args.shard_size,
+                             voices_dir=voices_dir or files.voices_dir, shard_size=args.shard_size,
                              overflow=args.overflow, limit=args.limit, progress=not args.no_progress,
                              checkpoint_name=str(files.source), frames_per_step=args.encode_frames)
     print(f"prepared {len(report.prepared)} conversation(s), {report.frames} frames ({report.hours:.2f} h) into "
@@ -67,7 +82,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         print(f"  failed {cid}: {reason}")
     if len(report.failed) > 20:
         print(f"  ... {len(report.failed) - 20} more, listed in {report.output}/manifest.json")
-    return 1 if report.failed and not report.prepared and not report.skipped else 0
+    return batch_status(len(report.prepared) + report.skipped, len(report.failed))
 
 
 # -- train ----------------------------------------------------------------------------------------------------
@@ -155,16 +170,19 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _synth_run(args: argparse.Namespace) -> int:
+    from ..cli import output_dir
     from .synth import EspeakTTS, load_tts, read_scripts, synthesize
 
+    scripts = read_scripts(args.scripts)
     tts = EspeakTTS(args.words_per_minute) if args.tts == "espeak" else load_tts(args.tts)
-    report = synthesize(read_scripts(args.scripts), args.output, tts, progress=not args.no_progress,
+    output_dir(args.output, "--output")
+    report = synthesize(scripts, args.output, tts, progress=not args.no_progress,
                         lead=args.lead, tail=args.tail, pause=args.pause)
     print(f"wrote {len(report.written)} conversation(s) ({report.seconds / 60:.1f} min) into {args.output}; "
           f"{len(report.failed)} failed")
     for sid, reason in report.failed:
         print(f"  failed {sid}: {reason}")
-    return 0 if report.written or not report.failed else 1
+    return batch_status(len(report.written), len(report.failed))
 
 
 _COMMANDS = {

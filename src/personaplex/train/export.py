@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import PersonaplexError
-from ..hub import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_ARCHIVE, VOICES_DIR, CheckpointFiles, list_voices
+from ..hub import MIMI_FILE, TEXT_TOKENIZER_FILE, CheckpointFiles
+from ..voices import VOICES_ARCHIVE, VOICES_DIR, list_voices
 
 log = logging.getLogger("personaplex.train")
 LORA_FILE = "lora.safetensors"
@@ -47,7 +48,9 @@ def write_checkpoint(lm, files: CheckpointFiles, output: str | Path, dtype: torc
     from ..checkpoint import save_lm
 
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if not output.is_dir():
+        output.mkdir(parents=True)
+        log.info("created %s", output)
     save_lm(lm, output, dtype=dtype)
     for src, name in ((files.mimi, MIMI_FILE), (files.tokenizer, TEXT_TOKENIZER_FILE)):
         if src is None:

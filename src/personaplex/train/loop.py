@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from .data import DatasetError, PreparedDataset
 from .loss import STATS, LossConfig, denominators, loss_parts, metrics, step_loss, target_weights
 from .parallel import (Dist, all_reduce_sum, barrier, checkpoint_activations, checkpoint_dir, close_distributed,
@@ -37,6 +38,7 @@ from .sample import ItemOrder, chunk_items, build_sample, collate
 
 log = logging.getLogger("personaplex.train")
 RUN_CONFIG = "train_config.json"
+DEFAULT_SEQ_FRAMES = 2048
 # Settings that shape the trained weights: a resumed run must keep them.
 STRUCTURAL = ("checkpoint", "config", "mode", "lora_rank", "lora_alpha", "lora_targets")
 
@@ -71,7 +73,8 @@ class TrainConfig:
     steps: int = _help("optimiser steps", default=1000)
     batch_size: int = _help("sequences per step, over all processes and accumulation steps", default=8)
     grad_accum: int = _help("micro-batches per step and process", default=1)
-    seq_frames: int = _help("frames per sequence: prompt + conversation chunk (<= the model context)", default=2048)
+    seq_frames: int | None = _help("frames per sequence: prompt + conversation chunk, at most the model context "
+                                   f"(default: {DEFAULT_SEQ_FRAMES} or the model context if smaller)", default=None)
     lr: float | None = _help("peak learning rate (default 1e-4 for LoRA, 1e-5 for full)", default=None)
     min_lr_ratio: float = _help("final learning rate as a fraction of the peak (cosine)", default=0.1)
     warmup_steps: int = _help("linear warmup steps", default=100)
@@ -96,17 +99,29 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         if not self.data or not self.run_dir:
-            raise ValueError("--data and --run-dir are required")
+            raise UsageError("--data and --run-dir are required")
         if self.mode not in ("lora", "full"):
-            raise ValueError(f"--mode must be lora or full, got {self.mode!r}")
+            raise UsageError(f"--mode must be lora or full, got {self.mode!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise UsageError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         for name in ("steps", "batch_size", "grad_accum", "seq_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.eval_fraction < 1:
-            raise ValueError("--eval-fraction must be in [0, 1)")
+            raise UsageError("--eval-fraction must be in [0, 1)")
         return self
+
+    def frames_per_sequence(self, context: int) -> int:
+        """--seq-frames, checked against the model context; by default the longest that fits."""
+        if self.seq_frames is None:
+            if context < DEFAULT_SEQ_FRAMES:
+                log.info("sequences of %d frames (the model context; --seq-frames sets fewer)", context)
+            return min(DEFAULT_SEQ_FRAMES, context)
+        if self.seq_frames > context:
+            raise UsageError(f"--seq-frames {self.seq_frames} exceeds the model context ({context} frames): "
+                             f"use at most {context}, or leave it out")
+        return self.seq_frames
 
     @property
     def peak_lr(self) -> float:
@@ -136,12 +151,7 @@ def base_files(cfg: TrainConfig, need: tuple[str, ...] = ("lm", "tokenizer")):
     """The base checkpoint's files (the demo checkpoint with `demo`)."""
     from ..hub import resolve_checkpoint
 
-    source = cfg.checkpoint
-    if cfg.demo:
-        from ..demo import demo_checkpoint_dir
-
-        source = str(demo_checkpoint_dir())
-    return resolve_checkpoint(source, need=need)
+    return resolve_checkpoint(cfg.checkpoint, need=need, demo=cfg.demo)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, need: tuple[str, ...] = ("lm", "tokenizer")):
@@ -280,6 +290,14 @@ class RunLog:
             log.info("eval at step %d: loss %.4f (text %.4f semantic %.4f acoustic %.4f)", step, values["loss"],
                      values["text"], values["semantic"], values["acoustic"])
 
+    def redirect_logging(self):
+        """While the progress bar shows, log lines are written through tqdm (above the bar, not into it)."""
+        if self.bar is None or self.bar.disable:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
+
     def close(self) -> None:
         if self.on:
             self.bar.close()
@@ -294,15 +312,17 @@ def _prepare_run_dir(cfg: TrainConfig, d: Dist) -> Path | None:
     saved = run_dir / RUN_CONFIG
     latest = latest_checkpoint(run_dir)
     if latest is not None and not cfg.resume:
-        raise ValueError(f"{run_dir} already holds checkpoints; resume (default) or pick another --run-dir")
+        raise UsageError(f"{run_dir} already holds checkpoints; resume (default) or pick another --run-dir")
     if latest is not None and saved.is_file():
         before = json.loads(saved.read_text())
         changed = [k for k in STRUCTURAL if before.get(k) != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"{run_dir} was trained with other {', '.join(changed)}; keep them to resume, or "
+            raise UsageError(f"{run_dir} was trained with other {', '.join(changed)}; keep them to resume, or "
                              "start a new --run-dir")
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not run_dir.is_dir():
+            run_dir.mkdir(parents=True)
+            log.info("created %s", run_dir)
         partial = saved.with_name(saved.name + ".partial")  # atomic: other ranks may be reading it
         partial.write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         partial.replace(saved)
@@ -312,16 +332,21 @@ def _prepare_run_dir(cfg: TrainConfig, d: Dist) -> Path | None:
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Run (or resume) a training run; returns the logged records (train steps and evaluations)."""
+    from ..checkpoint import resolve_device
+
     cfg.validate()
-    want = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = PreparedDataset(cfg.data)  # a missing or unprepared --data is said before anything loads
+    eval_set = PreparedDataset(cfg.eval_data) if cfg.eval_data else None
+    want = resolve_device(cfg.device)
     d = init_distributed(want.type)
     try:
-        return _train(cfg, d, want)
+        return _train(cfg, d, want, dataset, eval_set)
     finally:
         close_distributed(d)
 
 
-def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> list[dict[str, Any]]:
+def _train(cfg: TrainConfig, d: Dist, device: torch.device, dataset: PreparedDataset,
+           eval_set: PreparedDataset | None) -> list[dict[str, Any]]:
     from .prepare import file_sha256
 
     if device.type == "cuda" and d.sharded:
@@ -331,22 +356,19 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> list[dict[str, An
     resume_from = _prepare_run_dir(cfg, d)
     lm, files = build_model(cfg, device, bf16)
     config = lm.config
-    if cfg.seq_frames > config.context:
-        raise ValueError(f"--seq-frames {cfg.seq_frames} exceeds the model context ({config.context} frames)")
-    dataset = PreparedDataset(cfg.data)
+    seq_frames = cfg.frames_per_sequence(config.context)
     dataset.check_model(config, file_sha256(Path(files.tokenizer)))
-    eval_set = PreparedDataset(cfg.eval_data) if cfg.eval_data else None
     if eval_set is None and cfg.eval_fraction > 0:
         train_ids, held = _split(dataset, cfg.eval_fraction)
         eval_set = dataset.subset(held) if held else None
         dataset = dataset.subset(train_ids)
     if len(dataset) == 0:
         raise DatasetError(f"{cfg.data}: no training conversation left")
-    items = chunk_items(dataset, cfg.seq_frames)
-    eval_items = chunk_items(eval_set, cfg.seq_frames) if eval_set is not None else []
+    items = chunk_items(dataset, seq_frames)
+    eval_items = chunk_items(eval_set, seq_frames) if eval_set is not None else []
     micro, rest = divmod(cfg.batch_size, d.world * cfg.grad_accum)
     if rest or micro == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
                          f"({d.world} x {cfg.grad_accum})")
     if cfg.gradient_checkpointing:
         checkpoint_activations(lm)
@@ -372,31 +394,33 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> list[dict[str, An
     run_log = RunLog(cfg, d, step)
     loss_cfg = cfg.loss_config()
     try:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ids = order.take(position, cfg.batch_size)
-            batches = []
-            for a in range(cfg.grad_accum):
-                j = a * d.world + d.rank
-                chunk = ids[j * micro:(j + 1) * micro]
-                batches.append(collate([build_sample(dataset, items[i], config) for i in chunk]).to(device))
-            started = time.perf_counter()
-            stats, grad_norm = train_step(lm, optimizer, batches, config, loss_cfg, d, autocast, cfg.grad_clip)
-            seconds = time.perf_counter() - started
-            step, position = step + 1, position + cfg.batch_size
-            values = metrics(stats)
-            values.update(lr=lr, grad_norm=grad_norm, seconds=seconds,
-                          tokens_per_s=values["frames"] * config.num_streams / max(seconds, 1e-9),
-                          epoch=position / len(items))
-            run_log.record("train", step, values)
-            if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                run_log.record("eval", step, evaluate(lm, eval_set, eval_items, config, cfg, d, autocast, micro))
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                trainer = {"step": step, "position": position, "items": len(items), "config": dataclasses.asdict(cfg)}
-                save_run_state(checkpoint_dir(Path(cfg.run_dir), step), lm, optimizer, trainer, d)
-                prune_checkpoints(Path(cfg.run_dir), cfg.keep_checkpoints, d)
+        with run_log.redirect_logging():  # log lines go above the progress bar, not into it
+            while step < cfg.steps:
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                ids = order.take(position, cfg.batch_size)
+                batches = []
+                for a in range(cfg.grad_accum):
+                    j = a * d.world + d.rank
+                    chunk = ids[j * micro:(j + 1) * micro]
+                    batches.append(collate([build_sample(dataset, items[i], config) for i in chunk]).to(device))
+                started = time.perf_counter()
+                stats, grad_norm = train_step(lm, optimizer, batches, config, loss_cfg, d, autocast, cfg.grad_clip)
+                seconds = time.perf_counter() - started
+                step, position = step + 1, position + cfg.batch_size
+                values = metrics(stats)
+                values.update(lr=lr, grad_norm=grad_norm, seconds=seconds,
+                              tokens_per_s=values["frames"] * config.num_streams / max(seconds, 1e-9),
+                              epoch=position / len(items))
+                run_log.record("train", step, values)
+                if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                    run_log.record("eval", step, evaluate(lm, eval_set, eval_items, config, cfg, d, autocast, micro))
+                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    trainer = {"step": step, "position": position, "items": len(items),
+                               "config": dataclasses.asdict(cfg)}
+                    save_run_state(checkpoint_dir(Path(cfg.run_dir), step), lm, optimizer, trainer, d)
+                    prune_checkpoints(Path(cfg.run_dir), cfg.keep_checkpoints, d)
     finally:
         run_log.close()
     return run_log.history

@@ -6,8 +6,8 @@ checkpoint of a training run.
              -m personaplex.cli train ...                                          # two nodes
 
 `checkpoint_activations` wraps each temporal block in `torch.utils.checkpoint` (recomputed in the
-backward pass), `parallelize` shards each temporal transformer block, the depformer and then the root (embeddings, heads)
-with `torch.distributed.fsdp.fully_shard` (FSDP2); with bf16 the parameters stay fp32 (sharded master
+backward pass); `parallelize` shards each temporal transformer block, the depformer and then the root
+(embeddings, heads) with `torch.distributed.fsdp.fully_shard` (FSDP2); with bf16 the parameters stay fp32 (sharded master
 weights) and are gathered in bf16, gradients are reduced in fp32. NCCL on GPUs, gloo on CPUs.
 
 A run checkpoint (`checkpoints/step-NNNNNNN/`) holds the trainable weights (the adapters only, for LoRA)

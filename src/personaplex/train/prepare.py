@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..config import FRAME_SIZE, SAMPLE_RATE, LMConfig
-from ..errors import PersonaplexError
+from ..errors import PersonaplexError, UsageError
 from .data import (FORMAT, FORMAT_VERSION, MANIFEST, OVERFLOW_MODES, VOICES_SUBDIR, ConversationSpec, DatasetError,
                    SampleError, align_words, check_word_times, find_conversations, read_conversation, read_manifest,
                    word_tokens, write_manifest)
@@ -168,7 +168,7 @@ def prepare_dataset(source: str | Path, output: str | Path, mimi, tokenizer, con
 
     source, output = Path(source), Path(output)
     if shard_size < 1:
-        raise ValueError("shard_size must be at least 1")
+        raise UsageError("--shard-size must be at least 1")
     paths = find_conversations(source)
     tokenizer_sha = file_sha256(Path(tokenizer.path))
     output.mkdir(parents=True, exist_ok=True)

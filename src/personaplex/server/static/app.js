@@ -189,8 +189,13 @@ function appendTranscript(rawPiece) {
 
 // ---------------------------------------------------------------- persona & parameters
 
+// The presets shown: the server's default prompt (`serve --default-text-prompt`, from /api/info) first when it
+// has one, then the page's own.
+let presets = [...PRESETS];
+
 function renderPresets() {
-  for (const preset of PRESETS) {
+  ui.presets.replaceChildren();
+  for (const preset of presets) {
     const b = document.createElement("button");
     b.type = "button";
     b.textContent = preset.label;
@@ -204,16 +209,27 @@ function renderPresets() {
   }
 }
 
-function onPromptInput() {
+// `save`: the user typed or picked this prompt (remembered for the next visit); the page's own updates
+// (start-up, the server's limits) are not remembered, so a later visit shows the server's default again.
+function onPromptInput(save = true) {
   ui.promptCount.textContent = `${ui.prompt.value.length} / ${ui.prompt.maxLength > 0 ? ui.prompt.maxLength : 1000}`;
   const text = ui.prompt.value.trim();
   for (const b of ui.presets.querySelectorAll("button")) {
-    const preset = PRESETS.find((p) => p.id === b.dataset.preset);
+    const preset = presets.find((p) => p.id === b.dataset.preset);
     b.setAttribute("aria-pressed", String(preset.text === text));
   }
+  if (save === false) return;
   try {
     localStorage.setItem("personaplex.prompt", ui.prompt.value);
   } catch {}
+}
+
+function useServerDefaultPrompt(text) {
+  if (typeof text !== "string" || !text.trim()) return;
+  presets = [{ id: "server", label: "Server default", text: text.trim() }, ...PRESETS];
+  renderPresets();
+  if (!safeGet("personaplex.prompt")) ui.prompt.value = text.trim(); // unless the user chose one before
+  onPromptInput(false);
 }
 
 function applyDefaults() {
@@ -247,8 +263,9 @@ async function loadServerInfo() {
     ui.demoBanner.hidden = !info.demo;
     if (info.max_prompt_chars > 0) {
       ui.prompt.maxLength = info.max_prompt_chars;
-      onPromptInput();
+      onPromptInput(false);
     }
+    useServerDefaultPrompt(info.default_text_prompt);
     const list = Array.isArray(voices.voices) ? voices.voices : [];
     ui.voice.replaceChildren(
       ...list.map((name) => {
@@ -854,9 +871,9 @@ function download() {
 
 async function init() {
   renderPresets();
-  ui.prompt.value = safeGet("personaplex.prompt") || PRESETS[0].text;
-  onPromptInput();
-  ui.prompt.addEventListener("input", onPromptInput);
+  ui.prompt.value = safeGet("personaplex.prompt") || PRESETS[0].text; // the server's default replaces it
+  onPromptInput(false);
+  ui.prompt.addEventListener("input", () => onPromptInput(true));
   ui.resetDefaults.addEventListener("click", applyDefaults);
   ui.connect.addEventListener("click", () => (app.session ? disconnect() : connect()));
   ui.download.addEventListener("click", download);
@@ -890,7 +907,9 @@ window.personaplex = {
   connect,
   disconnect,
   buildWav,
-  presets: PRESETS,
+  get presets() {
+    return presets;
+  },
 };
 
 init();
