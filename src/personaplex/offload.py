@@ -8,7 +8,8 @@ the next frame. Everything else (embeddings, heads, depformer, KV cache) stays o
 
 Applied from outside the model: a forward pre-hook and hook per block (chunked prefill and teacher forcing go
 through `Block.forward`) and the same around `Block.step` (the single-frame step calls it directly). Without
-CUDA (tests) pinning is skipped and the copy is a plain host copy, so the same path runs on CPU.
+CUDA (tests) pinning is skipped and the copy is a plain host copy, so the same path runs on CPU. The copies
+and swaps happen in Python around each block, so an offloaded model runs eagerly: no CUDA graphs.
 
 Cost: every frame streams all temporal weights once over PCIe (shared by all conversations of the batch):
 13.2 GB per frame in bf16, 6.6 GB in int8 for the 7B (`streamed_bytes`), i.e. ~0.26-0.53 s per frame at
@@ -75,6 +76,10 @@ class LayerStreamer:
     def enter(self, i: int) -> None:
         """Block i is about to run: its weights in place on the device, the next block's copy started."""
         slot = self.slots[i]
+        if self.stream is not None and torch.cuda.is_current_stream_capturing():
+            # A captured graph would replay with device copies that no longer exist.
+            raise RuntimeError("offloaded layers cannot run inside a CUDA graph: build the engine with "
+                               "cuda_graphs=False (--no-cuda-graphs)")
         self.fetch(i)
         if slot.ready is not None:
             current = torch.cuda.current_stream(self.device)
