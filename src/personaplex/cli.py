@@ -81,6 +81,8 @@ def open_checkpoint(args: argparse.Namespace):
 
     device = resolve_device(args.device)  # a missing GPU is said before anything is read
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if getattr(args, "offload", False):
+        args.cuda_graphs = False  # offloaded layers are copied in around each block: no graph can replay that
     return load_checkpoint(args.checkpoint, config=args.config, device=device, dtype=dtype,
                            quantize=getattr(args, "quantize", None), offload=getattr(args, "offload", False),
                            revision=args.hf_revision, demo=args.demo)
