@@ -38,7 +38,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or not action.option_strings or action.default in (None, False, "")
+        on_off = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))  # says it by its name
+        if ("default" in text or not action.option_strings or action.default in (None, False, "") or on_off
                 or action.default is argparse.SUPPRESS):
             return text
         return text + " (default: %(default)s)"
