@@ -71,3 +71,25 @@ def test_train_sequence_length_fits_the_model_context(demo_dir, conversations, t
     with caplog.at_level("INFO", logger="personaplex"):
         assert main([*common, "--run-dir", str(tmp_path / "default")]) == 0  # default: the model context
     assert "sequences of 1000 frames" in caplog.text and f"created {tmp_path / 'default'}" in caplog.text
+
+
+def test_log_lines_are_written_above_the_progress_bar(tmp_path):
+    """While training shows its bar, console log handlers go through tqdm (lines above the bar, not into it)."""
+    import logging
+    import sys
+
+    from personaplex.train.loop import RunLog, TrainConfig
+    from personaplex.train.parallel import Dist
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    run_log = RunLog(TrainConfig(data="x", run_dir=str(tmp_path), steps=2, progress=True), Dist(), 0)
+    try:
+        with run_log.redirect_logging():
+            assert console not in root.handlers
+            assert any(type(h).__name__ == "_TqdmLoggingHandler" for h in root.handlers)
+        assert console in root.handlers
+    finally:
+        run_log.close()
+        root.removeHandler(console)
