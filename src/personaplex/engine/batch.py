@@ -154,12 +154,12 @@ class BatchEngine:
         delays = torch.tensor(c.delays)
         user = torch.arange(1 + cb, c.num_streams)
         gen = torch.arange(0, 1 + cb)
-        self._user_now = user[delays[user] == 0].to(dev)  # user streams read in this call ...
-        self._user_now_code = self._user_now - 1 - cb  # ... and their Mimi codebook
-        self._user_next = user[delays[user] > 0].to(dev)  # ... in the next call
-        self._user_next_code = self._user_next - 1 - cb
-        self._gen_now = gen[delays[gen] == 0].to(dev)  # generated streams whose frame-c token is in the column
-        self._gen_next = gen[delays[gen] > 0].to(dev)  # ... sampled in the call that returns frame c
+        self._user_now = _index(user[delays[user] == 0], dev)  # user streams read in this call ...
+        self._user_now_code = _index(user[delays[user] == 0] - 1 - cb, dev)  # ... and their Mimi codebook
+        self._user_next = _index(user[delays[user] > 0], dev)  # ... in the next call
+        self._user_next_code = _index(user[delays[user] > 0] - 1 - cb, dev)
+        self._gen_now = _index(gen[delays[gen] == 0], dev)  # generated streams whose frame-c token is in the column
+        self._gen_next = _index(gen[delays[gen] > 0], dev)  # ... sampled in the call that returns frame c
         self._views = {b: self._make_views(b) for b in self.buckets}
         self._row_states = (self.state.kv, self.enc, self.dec, self.rows)
         self._warned_kmax = False
@@ -339,6 +339,14 @@ class BatchEngine:
         return TickViews(b, self.state.kv.rows(0, b), DepformerCache(dep.keys[:, :b], dep.values[:, :b]),
                          _state_rows(self.enc, b), _state_rows(self.dec, b), self.rows.rows(0, b),
                          self._pcm_in[:b], self._pcm_out[:b], self._frame_out[:b])
+
+
+def _index(streams: torch.Tensor, device) -> slice | torch.Tensor:
+    """Stream indices as a slice when they are a contiguous run (a copy instead of a gather + scatter)."""
+    values = streams.tolist()
+    if values and values == list(range(values[0], values[-1] + 1)):
+        return slice(values[0], values[-1] + 1)
+    return streams.to(device)
 
 
 def _kmax_bucket(k: int, vocab: int) -> int:
