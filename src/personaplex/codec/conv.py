@@ -166,7 +166,7 @@ def overlap_add(z: torch.Tensor, stride: int, state: ConvTrState | None, bias: t
         if bias is not None:
             out.add_(bias.view(1, C, 1, 1))
         state.partial.copy_(later[:, :, T].view(B, C, S))  # no bias: it is added when the samples are output
-        return out.view(B, C, T * S)
+        return out.reshape(B, C, T * S)  # a view: `out` is contiguous
     pieces = -(-K // S)
     if pieces * S != K:
         z = F.pad(z, (0, pieces * S - K))
