@@ -131,11 +131,20 @@ def test_fsdp_over_two_processes_matches_one_process(data, demo_dir):
     b = load_file(str(export_run(data / "fsdp", data / "fsdp-out", dtype=torch.float32) / "model.safetensors"))
     assert a.keys() == b.keys()
     # Same weights up to rounding, except that Adam blows rounding-level gradients of entries whose true
-    # gradient is zero (the query of the first depformer step, which attends to itself only) up to a
-    # fraction of the learning rate: bound those separately.
-    diffs = [(a[k] - b[k]).abs() for k in a]
-    assert max(float(d.max()) for d in diffs) < 1e-3
-    assert sum(int((d > 1e-5).sum()) for d in diffs) < 1e-3 * sum(d.numel() for d in diffs)
+    # gradient is zero up to a fraction of the learning rate per step: the query rows of the first depformer
+    # step (it attends to itself only, so its softmax has one entry). Bound those by 3 steps x lr, the rest
+    # at rounding level.
+    dim = a["depformer.layers.0.self_attn.in_proj_weight"].shape[1]
+    zero_gradient = 0
+    for k in a:
+        d = (a[k] - b[k]).abs()
+        if k.startswith("depformer.layers.") and k.endswith("self_attn.in_proj_weight"):
+            assert float(d[:dim].max()) < 3 * 3e-3, k  # step 0's query rows
+            zero_gradient += d[:dim].numel()
+            d = d[dim:]
+        assert float(d.max()) < 1e-4, (k, float(d.max()))
+    total = sum(t.numel() for t in a.values())
+    assert zero_gradient < 1e-2 * total
 
 
 def test_lora_training_and_exports(data, demo_dir):
