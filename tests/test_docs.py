@@ -5,7 +5,8 @@ is `# demo-recipe` is run whole, in order, in one empty folder (with `docs/` of 
 in a clone); any other command with `--demo` must either be in such a block or be listed in `EXCLUDED` with
 the reason it cannot run here. So a new `--demo` command in the docs fails this test until it is classified.
 The demo checkpoint is the one the test session builds (seeded into `$PERSONAPLEX_CACHE`), so nothing is
-downloaded.
+downloaded. Running the recipes takes minutes (the training recipe: ~7 min on a loaded 2-core machine), so
+they are `slow`: `scripts/test.sh -m slow tests/test_docs.py` runs them; the classification check always runs.
 """
 
 from __future__ import annotations
