@@ -173,7 +173,7 @@ def test_errors_are_one_line(capsys, tmp_path):
 
 def test_against_the_demo_server(checkpoint, tmp_path, capsys, one_thread):
     from personaplex.engine import Personas
-    from personaplex.server import ServerSettings, build_server, make_runner
+    from test_server import serving
 
     personas = Personas(checkpoint.lm, checkpoint.mimi, checkpoint.tokenizer, checkpoint.files.voices_dir)
     out = tmp_path / "latency.json"
@@ -181,21 +181,12 @@ def test_against_the_demo_server(checkpoint, tmp_path, capsys, one_thread):
     lines.write_text(json.dumps({"turns": ["Hi there, Sam."], "interruptions": ["Wait."]}))
 
     async def go():
-        server = build_server(checkpoint, ServerSettings(max_conversations=2, default_voice="DEMO_LOW"),
-                              personas=personas)
-        runner = make_runner(server)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            args = ["eval", "latency", "--url", f"ws://127.0.0.1:{port}/api/chat", "--calls", "2",
+        async with serving(checkpoint, personas, max_conversations=2, default_voice="DEMO_LOW") as (_, url, _http):
+            args = ["eval", "latency", "--url", url.replace("http://", "ws://") + "/api/chat", "--calls", "2",
                     "--concurrency", "2", "--turns", "1", "--max-wait", "1.0", "--barge-after", "0.3",
                     "--lead-seconds", "0.3", "--tts", "tones", "--lines", str(lines), "--voice-prompt", "DEMO_HIGH",
                     "--out", str(out)]
             return await asyncio.to_thread(main, args)
-        finally:
-            await runner.cleanup()
 
     assert asyncio.run(go()) == 0
     result = json.loads(out.read_text())
