@@ -58,7 +58,8 @@ class WhisperAsr:
         if len(wav16k) == 0:
             return []
         segments, _ = self.model.transcribe(np.asarray(wav16k, np.float32), language="en", word_timestamps=True,
-                                            vad_filter=False, condition_on_previous_text=False, beam_size=5)
+                                            vad_filter=False, condition_on_previous_text=False, beam_size=5,
+                                            temperature=0.0)  # no sampled fallback: the same words every run
         words = []
         for segment in segments:
             for w in segment.words or []:
