@@ -112,7 +112,6 @@ class KVCache:
             else:
                 mine[dst] = theirs[src_row]
 
-
     def load_prefix_(self, row: int, keys: torch.Tensor, values: torch.Tensor, pin: bool) -> None:
         """Make conversation `row` hold positions 0..N-1 from (L, H, N, Dh) keys/values (a cached prompt)."""
         n = keys.shape[2]
