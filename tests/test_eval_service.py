@@ -3,21 +3,18 @@ loopback OpenAI-compatible server that answers one call only on the second try a
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
-import threading
 
 import numpy as np
 import pytest
 import soundfile as sf
-from aiohttp import web
 
 from personaplex.cli import main
 from personaplex.config import FRAME_SIZE, TEXT_PAD
 from personaplex.eval import EvalError
 from personaplex.eval.service import Caller, CallerTiming, load_scenarios, parse_scores, select
+from test_eval_judge import JudgeServer
 
 SCENARIOS = {"scenarios": [
     {"id": "alpha", "text_prompt": "You work for Alpha Water and your name is Kim.", "voice": "DEMO_HIGH",
@@ -27,45 +24,13 @@ SCENARIOS = {"scenarios": [
 ]}
 
 
-@contextlib.contextmanager
-def loopback_judge():
-    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 in a thread; records every request."""
-    seen: list[dict] = []
-
-    async def completions(request: web.Request) -> web.Response:
-        body = await request.json()
-        seen.append(body)
-        prompt = body["messages"][-1]["content"]
-        asked = sum(b["messages"][-1]["content"] == prompt for b in seen)
-        if "Alpha Water" in prompt and asked >= 2:
-            answer = "Analysis: short but polite.\nNaturalness: 4\nTask adherence: 3"
-        else:
-            answer = "I am unable to rate this conversation."  # does not parse
-        return web.json_response({"choices": [{"message": {"role": "assistant", "content": answer}}]})
-
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    state = {}
-
-    async def start():
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        state["runner"], state["port"] = runner, site._server.sockets[0].getsockname()[1]
-        ready.set()
-
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield f"http://127.0.0.1:{state['port']}/v1", seen
-    finally:
-        asyncio.run_coroutine_threadsafe(state["runner"].cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+def service_judge(messages, body, requests):
+    """A judge that answers Alpha Water's call from its second ask on and never parses anything else."""
+    prompt = messages[-1]["content"]
+    asked = sum(r["messages"][-1]["content"] == prompt for r in requests)
+    if "Alpha Water" in prompt and asked >= 2:
+        return "Analysis: short but polite.\nNaturalness: 4\nTask adherence: 3"
+    return "I am unable to rate this conversation."  # does not parse
 
 
 def test_end_to_end_on_the_demo_checkpoint(demo_dir, tmp_path, capsys, one_thread):
@@ -73,7 +38,8 @@ def test_end_to_end_on_the_demo_checkpoint(demo_dir, tmp_path, capsys, one_threa
     scenarios = tmp_path / "scenarios.json"
     scenarios.write_text(json.dumps(SCENARIOS))
     out = tmp_path / "service"
-    with loopback_judge() as (url, seen):
+    with JudgeServer(lambda m, body: service_judge(m, body, server.requests)) as server:
+        url, seen = server.url, server.requests
         args = ["eval", "service", "--checkpoint", str(demo_dir), "--device", "cpu", "--scenarios", str(scenarios),
                 "--out", str(out), "--judge-url", url, "--judge-model", "stand-in", "--judge-tries", "2",
                 "--max-turns", "2", "--batch", "2", "--lead", "0.3", "--reply-gap", "0.4", "--max-reply", "0.8",
